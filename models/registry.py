@@ -1,0 +1,58 @@
+"""The one registry of segmentation methods: snake_case name -> builder.
+
+Output contract shared by every method: ``forward(x)`` returns a tuple of logit maps at the input's
+spatial size, the main prediction first and any deep-supervision maps after. One trainer, one loss
+module and one exporter serve every method through this contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    builder: Builder
+    paper: str
+    # kwargs that make a tiny, fast variant for the parametrised tests (64x64 inputs)
+    test_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(
+    name: str, *, paper: str, test_kwargs: dict[str, Any] | None = None
+) -> Callable[[Builder], Builder]:
+    """Register ``builder`` under ``name``; a second registration of the same name is an error."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        _METHODS[name] = MethodEntry(name, builder, paper, dict(test_kwargs or {}))
+        return builder
+
+    return decorate
+
+
+def method_entry(name: str) -> MethodEntry:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}") from None
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build method ``name`` with the keyword arguments from ``methods.<name>.model``."""
+    return method_entry(name).builder(**kwargs)
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)

@@ -1,0 +1,212 @@
+"""Typed view of ``params.yaml``, the single source of truth for every setting.
+
+Every section is a frozen pydantic model with ``extra="forbid"``: an unknown or misspelt key is an
+error that names the file and the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class Paths(Strict):
+    raw: Path
+    downloads: Path
+    manifest: Path
+    facts: Path
+    validation_report: Path
+    splits: Path
+    cache: Path
+    artifacts: Path
+    reports: Path
+
+
+class Tracking(Strict):
+    uri: str
+    artifact_location: Path
+    experiment: str
+    register_models: bool = True
+
+
+class LocalSource(Strict):
+    kind: Literal["local"]
+    path: Path
+
+
+class UrlSource(Strict):
+    kind: Literal["url"]
+    url: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    subdir: str = ""
+
+
+class DatasetSpec(Strict):
+    name: str
+    source: LocalSource | UrlSource = Field(discriminator="kind")
+    images: str = "images"
+    masks: str = "masks"
+    # inclusive frame-number ranges [first, last], one per video sequence (leakage-safe splits)
+    sequences: list[tuple[int, int]] = []
+
+
+class Ingest(Strict):
+    datasets: dict[str, DatasetSpec]
+    image_extensions: list[str] = [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"]
+
+
+class Validate(Strict):
+    mask_threshold: int = Field(ge=0, le=254)
+    ambiguous_band: tuple[int, int]
+    max_ambiguous_fraction: float = Field(ge=0, le=1)
+    min_mask_fraction: float = Field(ge=0, le=1)
+    max_mask_fraction: float = Field(ge=0, le=1)
+    min_side: int = Field(ge=1)
+    max_side: int = Field(ge=1)
+    max_duplicate_fraction_within: float = Field(ge=0, le=1)
+    max_duplicates_across: int = Field(ge=0)
+
+
+class Split(Strict):
+    scheme: Literal["70_15_15", "80_10_10", "pranet"]
+    datasets: list[str]
+    unseen: list[str] = []
+    pranet_train: dict[str, int] = {}
+    val_fraction_of_train: float = Field(0.1, gt=0, lt=1)
+    folds: int = Field(ge=2)
+    max_items_per_dataset: int | None = None
+
+
+class Recipe(Strict):
+    """One training recipe; ``train.defaults`` merged with ``methods.<name>.recipe``."""
+
+    image_size: int = Field(ge=32)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["none", "cosine", "poly"]
+    loss: str
+    deep_supervision_weights: list[float] = []
+    augment: Literal["none", "basic", "strong"]
+    multiscale: list[float] = [1.0]
+    normalize: Literal["imagenet", "half"]
+    early_stop_patience: int = Field(ge=1)
+    max_train_items: int | None = None
+    threshold_search: bool = False
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class MethodSpec(Strict):
+    """A configured method: ``arch`` names the registered builder (default: the entry's own key)."""
+
+    arch: str | None = None
+    model: dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
+
+
+class Train(Strict):
+    methods: list[str]
+    defaults: Recipe
+
+
+class Crossval(Strict):
+    method: str
+    folds: int = Field(ge=2)
+    recipe: dict[str, Any] = {}
+
+
+class Evaluate(Strict):
+    threshold: float = Field(gt=0, lt=1)
+    pr_points: int = Field(ge=2)
+    batch_size: int = Field(ge=1)
+
+
+class Profile(Strict):
+    image_size: int
+    batch_size: int = 1
+    warmup: int = Field(ge=0)
+    iterations: int = Field(ge=1)
+    threads: int | None = None
+
+
+class Export(Strict):
+    opset: int = Field(ge=17)
+    atol: float = Field(gt=0)
+
+
+class Schedule(Strict):
+    cron: str
+    timezone: str = "UTC"
+    deployment: str
+    work_pool: str
+    retries: int = Field(ge=0)
+    retry_delay_s: int = Field(ge=0)
+
+
+class Params(Strict):
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    paths: Paths
+    tracking: Tracking
+    ingest: Ingest
+    validate_: Validate = Field(alias="validate")
+    split: Split
+    train: Train
+    methods: dict[str, MethodSpec]
+    crossval: Crossval
+    evaluate: Evaluate
+    profile: Profile
+    export: Export
+    schedule: Schedule
+
+    @model_validator(mode="after")
+    def _methods_known(self) -> Params:
+        missing = [m for m in [*self.train.methods, self.crossval.method] if m not in self.methods]
+        if missing:
+            raise ValueError(f"train.methods/crossval.method name {missing}, absent from methods:")
+        unknown = [d for d in [*self.split.datasets, *self.split.unseen] if d not in self.ingest.datasets]
+        if unknown:
+            raise ValueError(f"split names datasets {unknown} that ingest.datasets does not define")
+        return self
+
+    def recipe(self, method: str, extra: dict[str, Any] | None = None) -> Recipe:
+        """The training recipe of ``method``: defaults, then the method's overrides, then ``extra``."""
+        if method not in self.methods:
+            raise KeyError(f"unknown method {method!r}; params.yaml defines {sorted(self.methods)}")
+        merged = {**self.train.defaults.model_dump(), **self.methods[method].recipe, **(extra or {})}
+        return Recipe.model_validate(merged)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``path``; raise :class:`ParamsError` naming the file and offending keys."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParamsError(f"{path}: cannot read parameters: {exc}") from exc
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ParamsError(f"{path}: invalid parameters: {problems}") from exc
