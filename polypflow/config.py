@@ -125,8 +125,9 @@ class Train(Strict):
 
 
 class Crossval(Strict):
+    """k comes from ``split.folds`` (the fold assignment is part of splits.json)."""
+
     method: str
-    folds: int = Field(ge=2)
     recipe: dict[str, Any] = {}
 
 
@@ -137,8 +138,8 @@ class Evaluate(Strict):
 
 
 class Profile(Strict):
-    image_size: int
-    batch_size: int = 1
+    macs_image_size: int = Field(ge=32)
+    batch_size: int = Field(1, ge=1)
     warmup: int = Field(ge=0)
     iterations: int = Field(ge=1)
     threads: int | None = None

@@ -1,0 +1,77 @@
+"""The polypflow pipeline as a Prefect flow over ``dvc repro`` targets.
+
+``dvc.yaml`` stays the one owner of the stage order: each task asks DVC to reproduce a target (DVC runs
+whatever upstream stages are stale), so a retried or re-run flow redoes only what changed, and a training
+stage killed mid-run resumes from its checkpoint. Retries and their delay come from ``schedule`` in
+params.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from polypflow.config import load_params
+
+
+def dvc_command() -> list[str]:
+    """``dvc`` from the interpreter's own environment (works without an activated venv)."""
+    return [sys.executable, "-m", "dvc"]
+
+
+@task(name="dvc-repro", retries=2, retry_delay_seconds=10, task_run_name="dvc repro {targets}")
+def dvc_repro(project_dir: str, targets: list[str]) -> str:
+    """Run ``dvc repro <targets>`` in ``project_dir``; raise (and so retry) when it fails."""
+    logger = get_run_logger()
+    proc = subprocess.run([*dvc_command(), "repro", *targets], cwd=project_dir, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail = "\n".join(proc.stdout.splitlines()[-40:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc repro {' '.join(targets)} failed with exit code {proc.returncode}:\n{tail}")
+    logger.info("dvc repro %s:\n%s", " ".join(targets), tail)
+    return proc.stdout
+
+
+@task(name="collect-results")
+def collect_results(project_dir: str, params_file: str, methods: list[str]) -> dict:
+    """Read the metrics the stages wrote (evaluation summaries, registry entries, CV summary)."""
+    params = load_params(Path(project_dir) / params_file)
+    root = Path(project_dir) / params.paths.artifacts
+
+    def read(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    return {
+        "methods": {m: {"test": read(root / "eval" / m / "summary.json"),
+                        "registry": read(root / "models" / m / "run.json"),
+                        "profile": read(root / "profile" / m / "profile.json")} for m in methods},
+        "crossval": read(root / "crossval" / params.crossval.method / "summary.json"),
+    }
+
+
+@flow(name="polypflow-pipeline", log_prints=True)
+def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml", methods: list[str] | None = None,
+                       crossval: bool = True) -> dict:
+    """Reproduce the pipeline: data stages, then per method train/evaluate/export/profile, then CV."""
+    project_dir = str(Path(project_dir).resolve())
+    params = load_params(Path(project_dir) / params_file)
+    methods = methods or list(params.train.methods)
+    unknown = sorted(set(methods) - set(params.train.methods))
+    if unknown:
+        raise ValueError(f"methods {unknown} are not in train.methods of {params_file}; dvc.yaml has no stages for them")
+    repro = dvc_repro.with_options(retries=params.schedule.retries, retry_delay_seconds=params.schedule.retry_delay_s)
+    repro(project_dir, ["split"])
+    for method in methods:
+        repro(project_dir, [f"evaluate@{method}", f"profile@{method}"])
+    if crossval:
+        repro(project_dir, ["crossval"])
+    return collect_results(project_dir, params_file, methods)
+
+
+if __name__ == "__main__":
+    print(json.dumps(polypflow_pipeline(), indent=2, default=str))

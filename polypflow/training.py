@@ -1,0 +1,209 @@
+"""The one trainer for every registered method: fit with checkpoints, resume, early stopping.
+
+Each epoch is seeded with ``seed + epoch`` (shuffle, augmentation, dropout), so a run resumed from its
+last checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from polypflow.config import Recipe
+from polypflow.data import ImageSet, SegDataset, to_tensor
+from polypflow.io import atomic_path
+from polypflow.losses import build_loss
+from polypflow.metrics import dice_batch
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "polypflow-checkpoint-v1"
+
+
+@dataclass
+class FitResult:
+    best_val_dice: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    threshold: float = 0.5
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params.yaml asks for device: cuda, but no CUDA device is available")
+    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
+    if recipe.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    power = 0.9 if recipe.scheduler == "poly" else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / recipe.epochs) ** power)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load one of our checkpoints with ``weights_only=True``; a foreign file is a clear error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refuses anything but tensors and plain containers
+        raise ValueError(f"{path}: not a loadable polypflow checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a polypflow checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: np.ndarray, normalize: str, device: torch.device,
+                  batch_size: int = 16, channels_last: bool = False) -> np.ndarray:
+    """Main-map probabilities (N×S×S float32) for uint8 images N×S×S×3."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size], normalize).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)[0]
+        out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:3]), np.float32)
+
+
+def search_threshold(probs: np.ndarray, masks: np.ndarray) -> float:
+    """The binarisation threshold maximising mean Dice (grid 0.05..0.95), as CRIS chooses it."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    scores = [dice_batch(probs, masks, t).mean() for t in grid]
+    return float(grid[int(np.argmax(scores))])
+
+
+def _rescale(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if scale == 1.0:
+        return x, y
+    size = max(32, int(round(x.shape[-1] * scale / 32)) * 32)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    y = (F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False) > 0.5).float()
+    return x, y
+
+
+def train_epoch(model, loader, loss_fn, optimizer, recipe: Recipe, device, epoch: int) -> float:
+    model.train()
+    rng = np.random.default_rng(epoch)
+    total, count = 0.0, 0
+    cuda = device.type == "cuda"
+    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
+        x, y = _rescale(x.to(device), y.to(device), float(rng.choice(recipe.multiscale)))
+        if cuda and recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and recipe.amp):
+            outputs = model(x)
+        loss = loss_fn(tuple(o.float() for o in outputs), y, epoch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}")
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device: torch.device,
+        checkpoint: Path, seed: int, resume: bool = False,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        checkpoint_extra: dict | None = None) -> FitResult:
+    """Train ``model`` in place; leave it holding the best-validation-Dice weights.
+
+    ``checkpoint`` is rewritten atomically after every epoch; with ``resume`` an existing one is
+    continued from the epoch after the last completed one.
+    """
+    model.to(device)
+    if device.type == "cuda" and recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    state = {"epoch": -1, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [],
+             "best_model": None}
+    if resume and checkpoint.exists():
+        saved = load_checkpoint(checkpoint)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
+    dataset = SegDataset(train, recipe.normalize, recipe.augment)
+    for epoch in range(state["epoch"] + 1, recipe.epochs):
+        if state["bad_epochs"] >= recipe.early_stop_patience:
+            break
+        seed_everything(seed + epoch)
+        loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=len(dataset) > recipe.batch_size,
+                            num_workers=recipe.num_workers, generator=torch.Generator().manual_seed(seed + epoch))
+        train_loss = train_epoch(model, loader, loss_fn, optimizer, recipe, device, epoch)
+        scheduler.step()
+        probs = predict_probs(model, val.images, recipe.normalize, device, channels_last=recipe.channels_last)
+        val_dice = float(dice_batch(probs, val.masks).mean()) if len(val.keys) else 0.0
+        metrics = {"train_loss": train_loss, "val_dice": val_dice, "lr": optimizer.param_groups[0]["lr"]}
+        state["history"].append({"epoch": epoch + 1, **metrics})
+        if val_dice > state["best_val_dice"]:
+            state.update(best_val_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0,
+                         best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
+        log.info("epoch %d/%d train_loss %.4f val_dice %.4f", epoch + 1, recipe.epochs, train_loss, val_dice)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+    if state["best_model"] is not None:
+        model.load_state_dict(state["best_model"])
+    threshold = 0.5
+    if recipe.threshold_search and len(train.keys):
+        probs = predict_probs(model, train.images, recipe.normalize, device, channels_last=recipe.channels_last)
+        threshold = search_threshold(probs, train.masks)
+    return FitResult(state["best_val_dice"], state["best_epoch"], state["epoch"] + 1,
+                     state["bad_epochs"] >= recipe.early_stop_patience, threshold, state["history"])
+
+
+def save_trained(path: Path, model: nn.Module, **meta) -> None:
+    """The deliverable: best weights plus what is needed to rebuild and use them."""
+    save_checkpoint(path, state_dict={k: v.cpu() for k, v in model.state_dict().items()}, **meta)
+
+
+def load_trained(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_trained` (``weights_only`` load); return it with its metadata."""
+    from models import build_model
+
+    meta = load_checkpoint(path)
+    model = build_model(meta["arch"], **{**meta["model_kwargs"], "pretrained": "none"})
+    model.load_state_dict(meta.pop("state_dict"))
+    return model.eval(), meta

@@ -1,0 +1,30 @@
+"""The shared command line of every stage: ``python -m stages.<name> [--params FILE] [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from polypflow.config import ParamsError
+
+log = logging.getLogger("polypflow")
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    return p
+
+
+def main(body: Callable[[], object]) -> None:
+    """Run a stage body; known user errors end with one readable line and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "alembic", "mlflow.store", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        body()
+    except (ParamsError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        sys.exit(1)

@@ -1,0 +1,53 @@
+"""Stage 8, export@<method>: ONNX (dynamo exporter, dynamic batch), checked against PyTorch.
+
+The graph takes RGB images in [0, 1] (normalisation is inside it) at the method's training size and
+returns the main map's probability. The max absolute difference to PyTorch on random input is reported
+and must stay under ``export.atol``; the file is logged to the method's MLflow training run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from polypflow import tracking
+from polypflow.config import Params, load_params
+from polypflow.io import write_json
+from polypflow.onnx_export import export_onnx, parity
+from polypflow.pipeline import model_dir, read_json, stage_dir
+from polypflow.training import load_trained
+from stages._cli import main, parser
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, method: str) -> dict:
+    """Export ``method``'s trained model to ``artifacts/export/<method>/model.onnx`` and check it."""
+    import mlflow
+
+    model, meta = load_trained(model_dir(params, method) / "model.pt")
+    out = stage_dir(params, "export", method)
+    size, norm = meta["image_size"], {"mean": meta["mean"], "std": meta["std"]}
+    path = export_onnx(model, out / "model.onnx", size, params.export.opset, **norm)
+    diff = parity(model, path, size, **norm)
+    report = {"max_abs_diff": diff, "atol": params.export.atol, "opset": params.export.opset,
+              "input": f"N x 3 x {size} x {size}, RGB in [0, 1]", "bytes": path.stat().st_size}
+    write_json(out / "parity.json", report)
+    if diff > params.export.atol:
+        raise RuntimeError(f"{path}: ONNX differs from PyTorch by {diff:.2e} > export.atol {params.export.atol}")
+    train_run = read_json(model_dir(params, method) / "run.json")
+    with tracking.stage_run(params, "export", method, parent_run_id=train_run["run_id"]):
+        mlflow.log_metrics({"onnx_max_abs_diff": diff, "onnx_bytes": report["bytes"]})
+        mlflow.log_artifact(str(path), artifact_path="onnx")
+    client = mlflow.MlflowClient()
+    client.log_artifact(train_run["run_id"], str(path), artifact_path="onnx")
+    if train_run.get("version"):
+        client.set_model_version_tag(method, str(train_run["version"]), "onnx", f"runs:/{train_run['run_id']}/onnx/model.onnx")
+    log.info("%s: exported %s (%d bytes), max |onnx - torch| = %.2e", method, path, report["bytes"], diff)
+    return report
+
+
+if __name__ == "__main__":
+    p = parser(__doc__)
+    p.add_argument("--method", required=True)
+    args = p.parse_args()
+    main(lambda: run(load_params(args.params), args.method))

@@ -1,0 +1,124 @@
+"""Stage 3, split: seeded, leakage-safe train/val/test splits and k-fold assignments -> ``splits.json``.
+
+Images are grouped before splitting: frames of one video sequence (from ``ingest.datasets.*.sequences``)
+and exact duplicate images (same sha256, in any dataset) always land on the same side. Schemes:
+``70_15_15`` and ``80_10_10`` (train/val/test per dataset), ``pranet`` (PraNet's 900 Kvasir-SEG +
+550 CVC-ClinicDB training images, the rest test; ``val_fraction_of_train`` of the training groups
+held out for model selection). ``split.unseen`` datasets are test-only. Folds (GroupKFold) cover
+train + val, so cross-validation never sees a test image.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold
+
+from polypflow.config import Params, Split, load_params
+from polypflow.io import write_json
+from stages._cli import main, parser
+
+log = logging.getLogger(__name__)
+
+FRACTIONS = {"70_15_15": (0.70, 0.15), "80_10_10": (0.80, 0.10)}
+
+
+def leakage_groups(df: pd.DataFrame) -> pd.Series:
+    """One label per image such that sequence mates and exact duplicates share it (union-find)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for _, members in df.groupby("image_sha256")["group"]:
+        first = find(members.iloc[0])
+        for other in members.iloc[1:]:
+            parent[find(other)] = first
+    return df["group"].map(find)
+
+
+def take_groups(groups: pd.Series, target: int, rng: np.random.Generator) -> set[str]:
+    """Shuffled whole groups until ``target`` images are covered (never splits a group)."""
+    sizes = groups.value_counts()
+    order = rng.permutation(sorted(sizes.index))
+    chosen, count = set(), 0
+    for g in order:
+        if count >= target:
+            break
+        chosen.add(g)
+        count += sizes[g]
+    return chosen
+
+
+def split_dataset(df: pd.DataFrame, cfg: Split, rng: np.random.Generator) -> pd.Series:
+    """'train' | 'val' | 'test' per row of one dataset."""
+    n = len(df)
+    if cfg.scheme == "pranet":
+        key = df["dataset"].iloc[0]
+        if key not in cfg.pranet_train:
+            raise ValueError(f"split.pranet_train has no training size for dataset {key!r}")
+        n_train = min(cfg.pranet_train[key], n)
+        trainval = take_groups(df["leak_group"], n_train, rng)
+        in_train = df["leak_group"].isin(trainval)
+        val = take_groups(df.loc[in_train, "leak_group"], round(cfg.val_fraction_of_train * in_train.sum()), rng)
+        return pd.Series(np.where(df["leak_group"].isin(val), "val", np.where(in_train, "train", "test")), index=df.index)
+    f_train, f_val = FRACTIONS[cfg.scheme]
+    train = take_groups(df["leak_group"], round(f_train * n), rng)
+    rest = df.loc[~df["leak_group"].isin(train), "leak_group"]
+    val = take_groups(rest, round(f_val * n), rng)
+    return pd.Series(np.where(df["leak_group"].isin(train), "train", np.where(df["leak_group"].isin(val), "val", "test")), index=df.index)
+
+
+def make_splits(facts: pd.DataFrame, cfg: Split, seed: int) -> dict:
+    """The splits document: sets of ``dataset/id`` keys, per-dataset test sets, fold assignments."""
+    df = facts[facts["dataset"].isin([*cfg.datasets, *cfg.unseen])].copy()
+    df["key"] = df["dataset"] + "/" + df["id"].astype(str)
+    df["leak_group"] = leakage_groups(df)
+    rng = np.random.default_rng(seed)
+    df["set"] = "test"
+    for key in cfg.datasets:
+        part = df[df["dataset"] == key]
+        df.loc[part.index, "set"] = split_dataset(part, cfg, rng)
+    check_no_leakage(df)
+    pool = df[df["set"].isin(["train", "val"])].sort_values("key")
+    folds = GroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
+    assignment = {}
+    for fold, (_, held_out) in enumerate(folds.split(pool, groups=pool["leak_group"])):
+        assignment.update({k: fold for k in pool["key"].iloc[held_out]})
+    test = df[df["set"] == "test"]
+    return {
+        "scheme": cfg.scheme, "seed": seed,
+        "train": sorted(df.loc[df["set"] == "train", "key"]),
+        "val": sorted(df.loc[df["set"] == "val", "key"]),
+        "test": {d: sorted(test.loc[test["dataset"] == d, "key"]) for d in [*cfg.datasets, *cfg.unseen]},
+        "unseen": list(cfg.unseen),
+        "folds": {"k": cfg.folds, "assignment": dict(sorted(assignment.items()))},
+    }
+
+
+def check_no_leakage(df: pd.DataFrame) -> None:
+    """Raise if one leakage group or one image hash sits in more than one of train/val/test."""
+    for column in ("leak_group", "image_sha256"):
+        spread = df.groupby(column)["set"].nunique()
+        if (spread > 1).any():
+            raise ValueError(f"split leaks {column} across sets: {list(spread[spread > 1].index[:5])}")
+
+
+def run(params: Params) -> dict:
+    """Read the validated facts and write ``paths.splits``."""
+    facts = pd.read_csv(params.paths.facts, keep_default_na=False, dtype={"id": str})
+    splits = make_splits(facts, params.split, params.seed)
+    write_json(params.paths.splits, splits)
+    log.info("%s: train %d, val %d, test %s", params.split.scheme, len(splits["train"]), len(splits["val"]),
+             {k: len(v) for k, v in splits["test"].items()})
+    return splits
+
+
+if __name__ == "__main__":
+    args = parser(__doc__).parse_args()
+    main(lambda: run(load_params(args.params)))

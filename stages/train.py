@@ -1,0 +1,129 @@
+"""Stage 4, train@<method>: train one configured method on the split's train set, select on val.
+
+Writes ``artifacts/models/<method>/`` (model.pt, metrics.json, history.csv, run.json) and keeps a
+resumable per-epoch checkpoint in ``artifacts/checkpoints/<method>/`` (a persistent DVC output). The
+MLflow run logs params, per-epoch metrics and the model, which is registered under the method's name;
+alias ``champion`` moves to it when its validation Dice beats the current champion's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import models
+from models import build_model
+from polypflow import onnx_export, tracking
+from polypflow.config import Params, Recipe, load_params
+from polypflow.data import NORMALIZATION, ImageSet, load_image_set
+from polypflow.io import atomic_path, write_json
+from polypflow.onnx_export import ProbabilityHead
+from polypflow.pipeline import checkpoint_dir, method_arch, model_dir, read_facts, read_splits
+from polypflow.training import FitResult, fit, load_checkpoint, resolve_device, save_trained, seed_everything
+from stages._cli import main, parser
+
+log = logging.getLogger(__name__)
+
+
+def subsample(keys: list[str], limit: int | None, seed: int) -> list[str]:
+    """A seeded subset of at most ``limit`` keys (all of them when ``limit`` is None)."""
+    if limit is None or len(keys) <= limit:
+        return list(keys)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(keys, size=limit, replace=False).tolist())
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_method(params: Params, method: str, train_keys: list[str], val_keys: list[str], recipe: Recipe,
+                 checkpoint: Path, resume: bool, on_epoch=None) -> tuple[torch.nn.Module, FitResult]:
+    """Build ``method``, load its data and fit it; the shared core of train and crossval."""
+    arch, kwargs = method_arch(params, method)
+    facts = read_facts(params)
+    load = lambda keys: load_image_set(facts, keys, recipe.image_size, params.validate_.mask_threshold, params.paths.cache)  # noqa: E731
+    train, val = load(train_keys), load(val_keys)
+    tag = fingerprint(arch, kwargs, recipe.model_dump(), train_keys, val_keys, params.seed)
+    if resume and checkpoint.exists() and load_checkpoint(checkpoint).get("fingerprint") != tag:
+        log.info("%s belongs to other settings; starting afresh", checkpoint)
+        checkpoint.unlink()
+    seed_everything(params.seed)
+    model = build_model(arch, **kwargs)
+    result = fit(model, recipe, train, val, resolve_device(params.device), checkpoint, params.seed,
+                 resume=resume, on_epoch=on_epoch, checkpoint_extra={"fingerprint": tag})
+    return model, result
+
+
+def log_model(model: torch.nn.Module, meta: dict):
+    """Log the deployable graph (RGB in [0, 1] -> main-map probability) with an explicit signature."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    size = meta["image_size"]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, size, size), "probability")]),
+    )
+    head = ProbabilityHead(model.cpu(), meta["mean"], meta["std"]).eval()
+    return mlflow.pytorch.log_model(
+        head, name="model", serialization_format="pickle", signature=signature,
+        code_paths=[str(Path(models.__file__).parent), str(Path(onnx_export.__file__).parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "segmentation-models-pytorch"],
+    )
+
+
+def run(params: Params, method: str, resume: bool = True) -> dict:
+    """Train ``method``; write its model directory and return its metrics."""
+    import mlflow
+
+    recipe = params.recipe(method)
+    splits = read_splits(params)
+    train_keys = subsample(splits["train"], recipe.max_train_items, params.seed)
+    out, ckpt = model_dir(params, method), checkpoint_dir(params, method) / "checkpoint.pt"
+    arch, kwargs = method_arch(params, method)
+    with tracking.stage_run(params, "train", method) as run:
+        mlflow.log_params(tracking.flat("", {"method": method, "arch": arch, "model": kwargs,
+                                              "recipe": recipe.model_dump(), "seed": params.seed,
+                                              "split.scheme": splits["scheme"], "n_train": len(train_keys),
+                                              "n_val": len(splits["val"])}))
+        on_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
+        model, result = train_method(params, method, train_keys, splits["val"], recipe, ckpt, resume, on_epoch)
+        if hasattr(model, "threshold") and isinstance(model.threshold, torch.Tensor):
+            model.threshold.fill_(result.threshold)
+        meta = {"method": method, "arch": arch, "model_kwargs": kwargs, "image_size": recipe.image_size,
+                "normalize": recipe.normalize, "mean": list(NORMALIZATION[recipe.normalize][0]),
+                "std": list(NORMALIZATION[recipe.normalize][1]), "threshold": result.threshold,
+                "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
+        save_trained(out / "model.pt", model, **meta)
+        history = pd.DataFrame(result.history)
+        with atomic_path(out / "history.csv", suffix=".csv") as tmp:
+            history.to_csv(tmp, index=False)
+        metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+                   "epochs_run": result.epochs_run, "threshold": result.threshold}
+        mlflow.log_metrics({"best_val_dice": result.best_val_dice, "threshold": result.threshold})
+        mlflow.log_artifact(str(out / "history.csv"))
+        info = log_model(model, meta)
+        registry = {}
+        if params.tracking.register_models:
+            registry = tracking.register(info.model_uri, method, tags={**meta, "model_kwargs": json.dumps(kwargs)},
+                                         score=result.best_val_dice)
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri, **registry})
+    log.info("%s: best val Dice %.4f at epoch %d (registry: %s)", method, result.best_val_dice, result.best_epoch, registry)
+    return metrics
+
+
+if __name__ == "__main__":
+    p = parser(__doc__)
+    p.add_argument("--method", required=True, help="a key of methods: in params.yaml")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    args = p.parse_args()
+    main(lambda: run(load_params(args.params), args.method, resume=not args.no_resume))

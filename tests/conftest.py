@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny synthetic polyp datasets (64x64) and throwaway DVC projects that use them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+CODE = ("stages", "polypflow", "models", "flows")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def make_pair(seed: int, size: int = 64) -> tuple[Image.Image, Image.Image]:
+    """A colonoscopy-like frame: pinkish textured background, a redder elliptical polyp, and its mask."""
+    rng = np.random.default_rng(seed)
+    base = np.array([180, 110, 100]) + rng.normal(0, 12, (size, size, 3))
+    mask = Image.new("L", (size, size), 0)
+    cx, cy = rng.integers(size // 4, 3 * size // 4, 2)
+    rx, ry = rng.integers(size // 8, size // 4, 2)
+    ImageDraw.Draw(mask).ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+    inside = np.asarray(mask) > 0
+    base[inside] = base[inside] * [1.15, 0.7, 0.6] + 20
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    return image, mask
+
+
+def make_dataset(root: Path, n: int, seed: int = 0, image_ext: str = ".png", mask_ext: str = ".png") -> Path:
+    """``root/images/<i>.<ext>`` and ``root/masks/<i>.<ext>`` for i = 1..n (numbered like ClinicDB)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(1, n + 1):
+        image, mask = make_pair(seed * 1000 + i)
+        image.save(root / "images" / f"{i}{image_ext}")
+        mask.save(root / "masks" / f"{i}{mask_ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Three small datasets: alpha (24, JPEG masks like Kvasir), beta (16, in 4 sequences), gamma (10)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    make_dataset(root / "alpha", 24, seed=1, image_ext=".jpg", mask_ext=".jpg")
+    make_dataset(root / "beta", 16, seed=2)
+    make_dataset(root / "gamma", 10, seed=3)
+    return root
+
+
+def synthetic_params(data_root: Path) -> dict:
+    """The repository's params.yaml, shrunk to the synthetic data and tiny models."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["datasets"] = {
+        "alpha": {"name": "Alpha", "source": {"kind": "local", "path": str(data_root / "alpha")}},
+        "beta": {"name": "Beta", "source": {"kind": "local", "path": str(data_root / "beta")},
+                 "sequences": [[1, 4], [5, 8], [9, 12], [13, 16]]},
+        "gamma": {"name": "Gamma", "source": {"kind": "local", "path": str(data_root / "gamma")}},
+    }
+    params["validate"].update(min_side=32, max_duplicate_fraction_within=0.0)
+    params["split"].update(scheme="70_15_15", datasets=["alpha", "beta"], unseen=["gamma"], folds=2)
+    params["train"]["methods"] = ["unet"]
+    params["train"]["defaults"].update(image_size=64, epochs=2, batch_size=4, max_train_items=None, lr=3e-3)
+    params["methods"] = {"unet": {"model": {"encoder": "test_efficientnet", "pretrained": "none",
+                                            "decoder_channels": [16, 16, 8, 8, 8]}}}
+    params["crossval"] = {"method": "unet", "recipe": {"epochs": 1}}
+    params["evaluate"].update(pr_points=5, batch_size=8)
+    params["profile"].update(macs_image_size=64, warmup=1, iterations=2)
+    return params
+
+
+def write_params(project: Path, params: dict) -> Path:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, synthetic_root, monkeypatch) -> Path:
+    """A fresh DVC project (no git): the repo's code and dvc.yaml, test params; the cwd is set to it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for package in CODE:  # the stages' code is a DVC dependency, so the project carries a copy
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(root, synthetic_params(synthetic_root))
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    return root
