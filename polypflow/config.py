@@ -183,6 +183,13 @@ class Params(Strict):
         unknown = [d for d in [*self.split.datasets, *self.split.unseen] if d not in self.ingest.datasets]
         if unknown:
             raise ValueError(f"split names datasets {unknown} that ingest.datasets does not define")
+        overrides = [(f"methods.{m}.recipe", m, None) for m in self.methods]
+        for where, method, extra in [*overrides, ("crossval.recipe", self.crossval.method, self.crossval.recipe)]:
+            try:  # the overrides are free-form dicts: check them now, not when a stage first merges them
+                self.recipe(method, extra)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                                           for err in exc.errors())) from None
         return self
 
     def recipe(self, method: str, extra: dict[str, Any] | None = None) -> Recipe:
@@ -207,7 +214,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        problems = "; ".join(  # a model-level check has no location: its message names the keys
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+            for err in exc.errors()
         )
         raise ParamsError(f"{path}: invalid parameters: {problems}") from exc

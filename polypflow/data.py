@@ -28,7 +28,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
-    except OSError as exc:
+    except (OSError, SyntaxError) as exc:  # PIL: SyntaxError for a broken PNG chunk
         raise ValueError(f"{path}: cannot decode image ({exc})") from exc
 
 
@@ -37,7 +37,7 @@ def read_mask(path: str | Path, threshold: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return (np.asarray(img.convert("L")) > threshold).astype(np.uint8)
-    except OSError as exc:
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"{path}: cannot decode mask ({exc})") from exc
 
 

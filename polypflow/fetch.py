@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -47,6 +48,9 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> Path
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not offset:  # 416 on resume: .part already holds the whole file; the checksum decides
+            raise SourceError(f"{url}: download failed ({exc}); partial data kept in {part} for resume") from exc
     except OSError as exc:
         raise SourceError(f"{url}: download failed ({exc}); partial data kept in {part} for resume") from exc
     actual = sha256_file(part)

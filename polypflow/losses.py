@@ -32,7 +32,7 @@ def bce_dice(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def structure(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Weighted BCE + weighted IoU, boundary pixels up-weighted (F3Net/PraNet "structure loss")."""
-    kernel = max(3, (min(mask.shape[-2:]) // 11) | 1)  # 31 px at 352 px, scaled with the image
+    kernel = max(3, (min(mask.shape[-2:]) * 31 // 352) | 1)  # 31 px at 352 px, scaled with the image
     weight = 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel, stride=1, padding=kernel // 2) - mask)
     wbce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
     wbce = (weight * wbce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))

@@ -54,7 +54,8 @@ def stage_run(params: Params, stage: str, method: str | None = None, parent_run_
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     name = run_name or (f"{stage}-{method}" if method else stage)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags) as run:
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags, nested=nested) as run:
         yield run
 
 

@@ -157,7 +157,6 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         saved = load_checkpoint(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
     dataset = SegDataset(train, recipe.normalize, recipe.augment)
@@ -165,6 +164,8 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         if state["bad_epochs"] >= recipe.early_stop_patience:
             break
         seed_everything(seed + epoch)
+        if dataset.transform is not None:  # albumentations keeps its own RNG, untouched by seed_everything
+            dataset.transform.set_random_seed(seed + epoch)
         loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=len(dataset) > recipe.batch_size,
                             num_workers=recipe.num_workers, generator=torch.Generator().manual_seed(seed + epoch))
         train_loss = train_epoch(model, loader, loss_fn, optimizer, recipe, device, epoch)

@@ -21,7 +21,7 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 def main(body: Callable[[], object]) -> None:
     """Run a stage body; known user errors end with one readable line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("great_expectations", "alembic", "mlflow.store", "httpx"):
+    for noisy in ("great_expectations", "alembic", "mlflow.store", "httpx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         body()

@@ -40,7 +40,7 @@ def score_dataset(model, meta: dict, params: Params, facts: pd.DataFrame, keys: 
         gt = read_mask(mask_path, threshold)
         full = np.clip(cv2.resize(prob, gt.shape[::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
         row = {"key": key, **binary_metrics(full, gt, params.evaluate.threshold)}
-        row.update({f"{k}@method": v for k, v in binary_metrics(full, gt, meta["threshold"]).items() if k in ("dice", "iou")})
+        row.update({f"{k}_at_method_threshold": v for k, v in binary_metrics(full, gt, meta["threshold"]).items() if k in ("dice", "iou")})
         rows.append(row)
         p, r = pr_points(full, gt, thresholds)
         precisions.append(p)

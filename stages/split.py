@@ -36,9 +36,9 @@ def leakage_groups(df: pd.DataFrame) -> pd.Series:
         return x
 
     for _, members in df.groupby("image_sha256")["group"]:
-        first = find(members.iloc[0])
-        for other in members.iloc[1:]:
-            parent[find(other)] = first
+        roots = sorted({find(g) for g in members})  # the smallest label names a merged group: row order is irrelevant
+        for other in roots[1:]:
+            parent[other] = roots[0]
     return df["group"].map(find)
 
 
@@ -80,10 +80,13 @@ def make_splits(facts: pd.DataFrame, cfg: Split, seed: int) -> dict:
     df["key"] = df["dataset"] + "/" + df["id"].astype(str)
     df["leak_group"] = leakage_groups(df)
     rng = np.random.default_rng(seed)
-    df["set"] = "test"
-    for key in cfg.datasets:
-        part = df[df["dataset"] == key]
-        df.loc[part.index, "set"] = split_dataset(part, cfg, rng)
+    df["set"] = ""
+    df.loc[df["leak_group"].isin(df.loc[df["dataset"].isin(cfg.unseen), "leak_group"]), "set"] = "test"
+    for key in cfg.datasets:  # a group shared with an unseen or earlier dataset (a copy) is already placed
+        part = df[(df["dataset"] == key) & (df["set"] == "")]
+        if len(part):
+            placed = dict(zip(part["leak_group"], split_dataset(part, cfg, rng)))
+            df.loc[df["leak_group"].isin(placed), "set"] = df["leak_group"].map(placed)
     check_no_leakage(df)
     pool = df[df["set"].isin(["train", "val"])].sort_values("key")
     folds = GroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)

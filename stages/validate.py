@@ -131,6 +131,23 @@ def _validate(df: pd.DataFrame, expectations: list, name: str, key_column: str) 
     return checks
 
 
+# dataset-level duplicate check -> (per-image column, its value for an image without copies)
+DUPLICATE_COUNTS = {"duplicate_fraction_within": ("duplicates_within", 0),
+                    "duplicates_across": ("datasets_sharing_image", 1)}
+
+
+def name_duplicate_files(checks: list[dict], facts: pd.DataFrame) -> list[dict]:
+    """Duplicate checks run per dataset; report the duplicated image files of the failing datasets."""
+    for check in checks:
+        count = DUPLICATE_COUNTS.get(check["kwargs"].get("column"))
+        if count and not check["success"]:
+            column, alone = count
+            copies = facts["dataset"].isin(check["offending"]) & (facts[column] > alone)
+            check["offending"] = sorted(facts.loc[copies, "file"])
+            check["unexpected_count"] = len(check["offending"])
+    return checks
+
+
 def readable_failures(checks: list[dict], limit: int = 10) -> str:
     lines = []
     for c in (c for c in checks if not c["success"]):
@@ -146,7 +163,8 @@ def run(params: Params) -> pd.DataFrame:
     facts = measure(manifest, cfg)
     datasets = summary_by_dataset(facts)
     per_image, per_dataset = _suites(cfg)
-    checks = _validate(facts, per_image, "images", "file") + _validate(datasets, per_dataset, "datasets", "dataset")
+    checks = _validate(facts, per_image, "images", "file") + name_duplicate_files(
+        _validate(datasets, per_dataset, "datasets", "dataset"), facts)
     report = {"success": all(c["success"] for c in checks), "images": len(facts),
               "datasets": datasets.to_dict(orient="records"), "checks": checks}
     write_json(params.paths.validation_report, report)

@@ -93,5 +93,7 @@ def project(tmp_path, synthetic_root, monkeypatch) -> Path:
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
     monkeypatch.chdir(root)
+    # dvc.yaml says `python`: the interpreter running the tests, as an activated venv would provide
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     return root

@@ -1,0 +1,39 @@
+"""The Prefect flow drives the DVC stages in Prefect's local (ephemeral API) mode, with retries."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import dvc_repro, polypflow_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_runs_pipeline(project, prefect_api):
+    result = polypflow_pipeline(project_dir=str(project), crossval=False)
+    unet = result["methods"]["unet"]
+    assert unet["test"]["gamma"]["n"] == 10
+    assert unet["registry"]["champion"] is True and unet["registry"]["version"] == 1
+    assert unet["profile"]["onnxruntime"]["fps"] > 0
+    assert (project / "dvc.lock").exists()
+
+
+def test_failing_target_is_retried_then_raises(project, prefect_api):
+    flaky = dvc_repro.with_options(retries=1, retry_delay_seconds=0)
+    state = flaky(str(project), ["no_such_stage"], return_state=True)
+    assert state.is_failed()
+    assert "no_such_stage" in str(state.result(raise_on_failure=False))
+    runs = state.state_details  # retried once: the final state is the second attempt's
+    assert runs is not None
+
+
+def test_unknown_method_is_rejected(project, prefect_api):
+    with pytest.raises(ValueError, match="not in train.methods"):
+        polypflow_pipeline(project_dir=str(project), methods=["pranet"])

@@ -1,0 +1,283 @@
+"""The trainer: checkpoints every epoch, exact resume after a crash, foreign checkpoints, early stopping,
+threshold search, the trained-model round trip and prediction, on tiny in-memory sets and the tiny UNet."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import build_model, method_entry
+from polypflow.config import Recipe, load_params
+from polypflow.data import ImageSet
+from polypflow.training import (
+    CHECKPOINT_FORMAT,
+    FitResult,
+    _rescale,
+    fit,
+    load_checkpoint,
+    load_trained,
+    predict_probs,
+    save_checkpoint,
+    save_trained,
+    search_threshold,
+)
+from tests.conftest import REPO, make_pair
+
+CPU = torch.device("cpu")
+SEED = 7
+EPOCHS = 3
+
+
+def image_set(seeds: range) -> ImageSet:
+    pairs = [make_pair(s) for s in seeds]
+    images = np.stack([np.asarray(image) for image, _ in pairs])
+    masks = np.stack([(np.asarray(mask) > 127).astype(np.uint8) for _, mask in pairs])
+    return ImageSet([f"synthetic/{s}" for s in seeds], images, masks)
+
+
+TRAIN, VAL = image_set(range(100, 108)), image_set(range(200, 204))
+
+
+def recipe(**overrides) -> Recipe:
+    """The repository's default recipe, shrunk to 64 px, with augmentation on (resume must replay it)."""
+    defaults = load_params(REPO / "params.yaml").train.defaults.model_dump()
+    return Recipe.model_validate({**defaults, "image_size": 64, "epochs": EPOCHS, "batch_size": 4, "lr": 3e-3,
+                                  "augment": "basic", "early_stop_patience": 10, "max_train_items": None,
+                                  **overrides})
+
+
+def tiny_unet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("unet", **{**method_entry("unet").test_kwargs, "pretrained": "none"})
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+class Crash(RuntimeError):
+    """Stands in for a kill: raised from ``on_epoch`` after the checkpoint of that epoch is written."""
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[nn.Module, FitResult, dict, list[dict]]:
+    """Run A: three epochs uninterrupted; what each epoch's checkpoint held when it was written."""
+    ckpt = tmp_path_factory.mktemp("straight") / "checkpoint.pt"
+    seen: list[dict] = []
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        state = load_checkpoint(ckpt)
+        seen.append({"epoch": epoch, "saved_epoch": state["epoch"], "history": len(state["history"]),
+                     "leftovers": leftovers(ckpt.parent), "metrics": metrics})
+
+    model = tiny_unet()
+    result = fit(model, recipe(), TRAIN, VAL, CPU, ckpt, SEED, on_epoch=on_epoch,
+                 checkpoint_extra={"fingerprint": "abc"})
+    return model, result, load_checkpoint(ckpt), seen
+
+
+def test_fit_lowers_train_loss_and_checkpoints_every_epoch(straight):
+    model, result, final, seen = straight
+    losses = [h["train_loss"] for h in result.history]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert losses[-1] < losses[0]
+    assert result.epochs_run == EPOCHS and not result.stopped_early
+    assert [s["saved_epoch"] for s in seen] == [0, 1, 2]  # 0-based epoch in the file, written before on_epoch
+    assert [s["history"] for s in seen] == [1, 2, 3]
+    assert all(s["leftovers"] == [] for s in seen)  # no temporary file survives a save
+    assert final["format"] == CHECKPOINT_FORMAT and final["fingerprint"] == "abc"
+    best = result.history[result.best_epoch - 1]["val_dice"]
+    assert result.best_val_dice == best == max(h["val_dice"] for h in result.history)
+    for key, value in model.state_dict().items():  # the model ends holding the best epoch's weights
+        assert torch.equal(value, final["best_model"][key]), key
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous epoch's checkpoint intact and no temporary file."""
+    ckpt = tmp_path / "checkpoint.pt"
+    real_save, calls = torch.save, []
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(tiny_unet(), recipe(augment="none"), image_set(range(100, 104)), VAL, CPU, ckpt, SEED)
+    assert Path(calls[1]) != ckpt and Path(calls[1]).parent == tmp_path  # written beside, then renamed
+    assert load_checkpoint(ckpt)["epoch"] == 0
+    assert leftovers(tmp_path) == []
+
+
+def test_resume_after_crash_equals_uninterrupted_run(straight, tmp_path):
+    """Run B crashes after epoch 2, is resumed from its checkpoint, and ends exactly where run A ended."""
+    model_a, result_a, final_a, _ = straight
+    ckpt = tmp_path / "checkpoint.pt"
+
+    def crash_after_two(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(tiny_unet(), recipe(), TRAIN, VAL, CPU, ckpt, SEED, on_epoch=crash_after_two)
+    assert load_checkpoint(ckpt)["epoch"] == 1
+
+    resumed_epochs: list[int] = []
+    model_b = tiny_unet(seed=123)  # different initial weights: everything must come from the checkpoint
+    result_b = fit(model_b, recipe(), TRAIN, VAL, CPU, ckpt, SEED, resume=True,
+                   on_epoch=lambda epoch, m: resumed_epochs.append(epoch))
+    assert resumed_epochs == [3]
+    final_b = load_checkpoint(ckpt)
+    for key, value in final_a["model"].items():  # last-epoch weights, optimizer included in the path
+        assert torch.allclose(value.float(), final_b["model"][key].float(), rtol=0, atol=1e-6), key
+    for key, value in model_a.state_dict().items():  # best weights, which fit leaves in the model
+        assert torch.allclose(value.float(), model_b.state_dict()[key].float(), rtol=0, atol=1e-6), key
+    assert (result_b.best_epoch, result_b.epochs_run) == (result_a.best_epoch, result_a.epochs_run)
+    assert result_b.best_val_dice == pytest.approx(result_a.best_val_dice, abs=1e-9)
+    assert len(result_b.history) == len(result_a.history) == EPOCHS
+    for a, b in zip(result_a.history, result_b.history, strict=True):
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9) for k in a), (a, b)
+
+
+def test_resume_without_checkpoint_starts_fresh_and_no_resume_ignores_one(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    one = recipe(epochs=1, augment="none")
+    small = image_set(range(100, 104))
+    trained: list[int] = []
+    first = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, resume=True, on_epoch=lambda e, m: trained.append(e))
+    assert first.epochs_run == 1 and trained == [1]
+    again = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, resume=True, on_epoch=lambda e, m: trained.append(e))
+    assert trained == [1] and again.history == first.history  # already finished: nothing more is trained
+    fresh = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, resume=False, on_epoch=lambda e, m: trained.append(e))
+    assert trained == [1, 1] and len(fresh.history) == 1
+
+
+class Foreign:
+    """Any pickled object that is not a checkpoint of ours."""
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["pickled_object", "torch_saved_object", "plain_state_dict",
+                                  "wrong_format_tag", "tensor", "random_bytes", "empty"])
+def test_foreign_checkpoint_is_refused_naming_the_file(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "pickled_object":
+        path.write_bytes(pickle.dumps(Foreign()))
+    elif kind == "torch_saved_object":
+        torch.save({"format": CHECKPOINT_FORMAT, "payload": Foreign()}, path)
+    elif kind == "plain_state_dict":
+        torch.save(nn.Linear(2, 2).state_dict(), path)
+    elif kind == "wrong_format_tag":
+        torch.save({"format": "someone-else-v1", "model": {}}, path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match=str(path)):
+        load_checkpoint(path)
+
+
+def test_resume_from_foreign_checkpoint_raises(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save(tiny_unet().state_dict(), ckpt)
+    with pytest.raises(ValueError, match="not a polypflow checkpoint"):
+        fit(tiny_unet(), recipe(epochs=1), TRAIN, VAL, CPU, ckpt, SEED, resume=True)
+
+
+def frozen_unet() -> nn.Module:
+    """With lr=0 and BatchNorm statistics frozen the network never changes, so val Dice never improves."""
+    model = tiny_unet()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    return model
+
+
+@pytest.mark.parametrize(("epochs", "patience", "expected_run", "stopped"), [(10, 2, 3, True), (3, 5, 3, False)])
+def test_early_stopping_after_patience_epochs_without_improvement(tmp_path, epochs, patience, expected_run,
+                                                                  stopped):
+    model = frozen_unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = recipe(augment="none", epochs=epochs, early_stop_patience=patience).model_copy(update={"lr": 0.0})
+    result = fit(model, frozen, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "num_batches" not in k)
+    assert len({h["val_dice"] for h in result.history}) == 1
+    assert result.epochs_run == len(result.history) == expected_run
+    assert result.best_epoch == 1 and result.stopped_early is stopped
+    if stopped:  # resuming a run that has stopped early trains nothing more
+        again = fit(frozen_unet(), frozen, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED,
+                    resume=True)
+        assert again.epochs_run == expected_run and again.stopped_early
+
+
+def test_search_threshold_picks_the_separating_threshold():
+    masks = np.zeros((3, 16, 16), np.uint8)
+    masks[:, 4:12, 4:12] = 1
+    probs = np.where(masks > 0, 0.62, 0.58).astype(np.float32)
+    assert search_threshold(probs, masks) == pytest.approx(0.6)  # only 0.60 separates polyp from background
+    probs = np.where(masks > 0, 0.27, 0.12).astype(np.float32)
+    assert search_threshold(probs, masks) in (pytest.approx(0.15), pytest.approx(0.2), pytest.approx(0.25))
+    low = np.where(masks > 0, 0.9, 0.3).astype(np.float32)
+    best = search_threshold(low, masks)
+    assert 0.3 < best <= 0.9
+
+
+def test_threshold_search_in_fit_is_reported(tmp_path):
+    one = recipe(epochs=1, augment="none", threshold_search=True)
+    result = fit(tiny_unet(), one, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
+    assert 0.05 <= result.threshold <= 0.95
+    assert result.threshold == round(result.threshold, 2)
+
+
+def test_save_and_load_trained_round_trip(tmp_path):
+    model = tiny_unet(seed=3).eval()
+    kwargs = dict(method_entry("unet").test_kwargs)
+    save_trained(tmp_path / "model.pt", model, arch="unet", model_kwargs=kwargs, threshold=0.35, image_size=64)
+    loaded, meta = load_trained(tmp_path / "model.pt")
+    assert meta["threshold"] == 0.35 and meta["image_size"] == 64 and "state_dict" not in meta
+    assert not loaded.training
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], loaded(x)[0])
+    probs = predict_probs(loaded, VAL.images, "imagenet", CPU)
+    np.testing.assert_array_equal(probs, predict_probs(model, VAL.images, "imagenet", CPU))
+
+
+def test_predict_probs_shape_range_and_batching():
+    model = tiny_unet()
+    probs = predict_probs(model, VAL.images, "imagenet", CPU, batch_size=3)
+    assert probs.shape == (4, 64, 64) and probs.dtype == np.float32
+    assert probs.min() >= 0 and probs.max() <= 1
+    np.testing.assert_allclose(probs, predict_probs(model, VAL.images, "imagenet", CPU, batch_size=16),
+                               rtol=0, atol=1e-5)
+    assert predict_probs(model, VAL.images[:0], "imagenet", CPU).shape == (0, 64, 64)
+
+
+@pytest.mark.parametrize(("scale", "size"), [(1.0, 64), (0.5, 32), (0.75, 64), (1.5, 96), (2.0, 128)])
+def test_multiscale_rescale_keeps_masks_binary(scale, size):
+    x = torch.rand(2, 3, 64, 64)
+    y = torch.from_numpy(TRAIN.masks[:2]).float()[:, None]
+    xs, ys = _rescale(x, y, scale)
+    assert xs.shape == (2, 3, size, size) and ys.shape == (2, 1, size, size)
+    assert set(torch.unique(ys).tolist()) <= {0.0, 1.0}
+    for before, after in zip(y, ys, strict=True):  # the polyp keeps its share of the frame (no halo)
+        assert after.mean().item() == pytest.approx(before.mean().item(), abs=0.006)
+    if scale == 1.0:
+        assert xs is x and ys is y
+
+
+def test_fit_with_multiscale_training(tmp_path):
+    ms = recipe(epochs=1, augment="none", multiscale=[0.5, 1.5])
+    result = fit(tiny_unet(), ms, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
+    assert np.isfinite(result.history[0]["train_loss"])

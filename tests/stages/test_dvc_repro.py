@@ -1,0 +1,56 @@
+"""End to end: `dvc repro` runs all eight stages on synthetic data, registers the model, then is a no-op."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["ingest", "validate", "split", "train@unet", "crossval", "evaluate@unet", "export@unet", "profile@unet"]
+
+
+def dvc(project, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_dvc_repro_end_to_end(project):
+    first = dvc(project, "repro")
+    assert first.returncode == 0, first.stdout[-4000:]
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    art = project / "artifacts"
+    summary = json.loads((art / "eval" / "unet" / "summary.json").read_text())
+    assert set(summary) == {"alpha", "gamma"}  # beta's test part is empty with 4 sequences of 4
+    assert summary["gamma"]["n"] == 10 and 0.3 < summary["gamma"]["dice"] <= 1.0
+    parity = json.loads((art / "export" / "unet" / "parity.json").read_text())
+    assert parity["max_abs_diff"] < 1e-3
+    profile = json.loads((art / "profile" / "unet" / "profile.json").read_text())
+    assert profile["params"] > 0 and profile["macs_at_image_size"] > 0 and profile["onnxruntime"]["fps"] > 0
+    cv = json.loads((art / "crossval" / "unet" / "summary.json").read_text())
+    assert cv["k"] == 2 and len(cv["folds"]) == 2
+    assert len(list((art / "eval" / "unet" / "gradcam").glob("*.png"))) >= 1
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("unet", "champion")
+    run = client.get_run(champion.run_id)
+    assert "test.gamma.dice" in run.data.metrics and "profile.ort_fps" in run.data.metrics
+    assert float(champion.tags["val_dice"]) == pytest.approx(run.data.metrics["best_val_dice"])
+    assert champion.tags["onnx"].endswith("onnx/model.onnx")
+    stages = {r.data.tags.get("polypflow.stage") for r in client.search_runs([run.info.experiment_id])}
+    assert {"train", "crossval", "evaluate", "export", "profile"} <= stages
+
+    start = time.perf_counter()
+    second = dvc(project, "repro")
+    took = time.perf_counter() - start
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout[-2000:]
+    print(f"no-op dvc repro took {took:.1f} s")
+    assert "up to date" in dvc(project, "status").stdout
