@@ -151,10 +151,14 @@ class Export(Strict):
 
 
 class Schedule(Strict):
+    """Prefect: cron deployment on a ``process`` work pool (``flows/deploy.py``), task retries."""
+
     cron: str
     timezone: str = "UTC"
     deployment: str
     work_pool: str
+    pool_concurrency: int | None = Field(None, ge=1)   # flow runs at once on the pool (1: one GPU)
+    job_env: dict[str, str] = {}                        # env of each flow run on the worker host
     retries: int = Field(ge=0)
     retry_delay_s: int = Field(ge=0)
 

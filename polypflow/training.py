@@ -157,6 +157,7 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         saved = load_checkpoint(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
     dataset = SegDataset(train, recipe.normalize, recipe.augment)
