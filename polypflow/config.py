@@ -31,11 +31,20 @@ class Paths(Strict):
     reports: Path
 
 
+class Promotion(Strict):
+    """Alias ``champion`` moves only on a significant validation Dice gain (paired bootstrap)."""
+
+    n_boot: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
 class Tracking(Strict):
     uri: str
     artifact_location: Path
     experiment: str
     register_models: bool = True
+    global_model: str = "polyp-segmenter"  # every method's versions also registered here; its champion is the best
+    promotion: Promotion = Promotion()
 
 
 class LocalSource(Strict):
@@ -131,10 +140,33 @@ class Crossval(Strict):
     recipe: dict[str, Any] = {}
 
 
+class LrSearch(Strict):
+    """Optuna learning-rate search (CRIS recipe: 20 trials over 1e-6..1e-2, median pruner)."""
+
+    methods: list[str] = []
+    trials: int = Field(20, ge=1)
+    lr_low: float = Field(1e-6, gt=0)
+    lr_high: float = Field(1e-2, gt=0)
+    startup_trials: int = Field(5, ge=0)
+    recipe: dict[str, Any] = {}
+
+
 class Evaluate(Strict):
     threshold: float = Field(gt=0, lt=1)
     pr_points: int = Field(ge=2)
     batch_size: int = Field(ge=1)
+    sweep: tuple[float, float] = (0.3, 0.7)  # Dice/IoU/sensitivity/precision swept over [low, high]
+    sweep_step: float = Field(0.05, gt=0)
+    cases: int = Field(3, ge=0)  # best and worst images per test set drawn as overlays
+
+
+class Report(Strict):
+    """The comparison report: bootstrap settings, leakage check, the papers' figures."""
+
+    n_boot: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    leakage_max_distance: int = Field(4, ge=0, le=64)  # dHash and pHash Hamming distance (of 64 bits)
+    paper_figures: Path = Path("references/paper_figures.yaml")
 
 
 class Profile(Strict):
@@ -174,16 +206,19 @@ class Params(Strict):
     train: Train
     methods: dict[str, MethodSpec]
     crossval: Crossval
+    lr_search: LrSearch = LrSearch()
     evaluate: Evaluate
     profile: Profile
     export: Export
     schedule: Schedule
+    report: Report = Report()
 
     @model_validator(mode="after")
     def _methods_known(self) -> Params:
-        missing = [m for m in [*self.train.methods, self.crossval.method] if m not in self.methods]
+        named = [*self.train.methods, self.crossval.method, *self.lr_search.methods]
+        missing = [m for m in named if m not in self.methods]
         if missing:
-            raise ValueError(f"train.methods/crossval.method name {missing}, absent from methods:")
+            raise ValueError(f"train.methods/crossval.method/lr_search.methods name {missing}, absent from methods:")
         unknown = [d for d in [*self.split.datasets, *self.split.unseen] if d not in self.ingest.datasets]
         if unknown:
             raise ValueError(f"split names datasets {unknown} that ingest.datasets does not define")

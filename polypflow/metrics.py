@@ -1,10 +1,32 @@
-"""Per-image segmentation metrics (binary masks, probability maps) and curves over thresholds."""
+"""Per-image segmentation metrics (binary masks, probability maps), curves over thresholds, summaries.
+
+Two families, both per image then averaged over a test set (mDice, mIoU, ...):
+
+* **thresholded** at a fixed threshold (``prob >= t``): Dice, IoU, precision, recall (sensitivity),
+  specificity, FNR = FN / (FN + TP), accuracy; plus MAE and AUC-ROC of the probability map. Counts at
+  many thresholds come from one sort per image (exact, as ``prob >= t`` would give).
+* **the community's evaluation toolbox** (``pysodmetrics``, the Python port of the MATLAB toolbox used
+  by PraNet and its successors): the map is scored as the 8-bit image the toolbox reads (min-max
+  normalised, ``mapminmax``), the mask binarised at 128. ``tb_dice``/``tb_iou`` are the mean over the
+  256 thresholds (the toolbox's ``meanDic``/``meanIoU``), ``sm`` the S-measure (alpha 0.5),
+  ``em_mean``/``em_adp`` the mean / adaptive E-measure, ``wfm`` the weighted F-measure (beta 1).
+  ``maxEm`` and ``maxDic`` are dataset figures: the maximum of the image-averaged curve.
+
+An empty mask with an empty prediction counts as perfect (Dice 1); AUC-ROC is undefined (NaN, left out
+of the mean) on an image whose mask is empty or full.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import pandas as pd
 
 BINARY_METRICS = ["dice", "iou", "precision", "recall", "specificity", "fnr", "accuracy"]
+TOOLBOX_METRICS = ["tb_dice", "tb_iou", "sm", "em_mean", "em_adp", "wfm"]
+TOOLBOX_CURVES = ["dice", "iou", "em"]  # 256 values each, index t = threshold t/255 of the 8-bit map
+LEVELS = 256
 
 
 def _ratio(num: float, den: float) -> float:
@@ -23,6 +45,11 @@ def binary_metrics(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -
     """Dice, IoU, precision, recall (sensitivity), specificity, FNR, accuracy at ``threshold``; MAE."""
     gt = mask.astype(bool)
     tp, fp, fn, tn = confusion(prob >= threshold, gt)
+    return {**rates(tp, fp, fn, tn), "mae": float(np.abs(prob.astype(np.float64) - gt).mean())}
+
+
+def rates(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    """The thresholded metrics of one confusion matrix."""
     return {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn),
         "iou": _ratio(tp, tp + fp + fn),
@@ -30,8 +57,7 @@ def binary_metrics(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -
         "recall": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "fnr": 1.0 - _ratio(tp, tp + fn),
-        "accuracy": (tp + tn) / gt.size,
-        "mae": float(np.abs(prob.astype(np.float64) - gt).mean()),
+        "accuracy": (tp + tn) / (tp + fp + fn + tn),
     }
 
 
@@ -46,9 +72,96 @@ def dice_batch(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> np
 
 def pr_points(prob: np.ndarray, mask: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall of one image at each threshold."""
+    scores = SortedScores(prob, mask)
+    rows = [rates(*c) for c in scores.counts(thresholds)]
+    return np.array([r["precision"] for r in rows]), np.array([r["recall"] for r in rows])
+
+
+class SortedScores:
+    """One image's probabilities split by ground truth and sorted: exact counts at any threshold."""
+
+    def __init__(self, prob: np.ndarray, mask: np.ndarray) -> None:
+        gt = mask.astype(bool)
+        self.dtype = prob.dtype
+        self.fg = np.sort(prob[gt], kind="stable")
+        self.bg = np.sort(prob[~gt], kind="stable")
+
+    def counts(self, thresholds: Sequence[float] | np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(TP, FP, FN, TN) of ``prob >= t`` for each ``t`` (compared in the map's own dtype)."""
+        t = np.asarray(thresholds, dtype=self.dtype)
+        tp = len(self.fg) - np.searchsorted(self.fg, t, side="left")
+        fp = len(self.bg) - np.searchsorted(self.bg, t, side="left")
+        return [(int(a), int(b), len(self.fg) - int(a), len(self.bg) - int(b)) for a, b in zip(tp, fp, strict=True)]
+
+    def auc(self) -> float:
+        """Area under the ROC curve (Mann-Whitney U with ties counted half); NaN with one class only."""
+        if not len(self.fg) or not len(self.bg):
+            return float("nan")
+        below = np.searchsorted(self.bg, self.fg, side="left").sum(dtype=np.float64)
+        ties = (np.searchsorted(self.bg, self.fg, side="right") - np.searchsorted(self.bg, self.fg, side="left")).sum(dtype=np.float64)
+        return float((below + 0.5 * ties) / (len(self.fg) * len(self.bg)))
+
+
+def roc_auc(prob: np.ndarray, mask: np.ndarray) -> float:
+    """AUC-ROC of one probability map against its mask (equals ``sklearn.metrics.roc_auc_score``)."""
+    return SortedScores(prob, mask).auc()
+
+
+def toolbox_inputs(prob: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-bit prediction and mask images the toolbox reads (the map as written to a PNG)."""
+    pred = np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+    return pred, mask.astype(bool).astype(np.uint8) * 255
+
+
+def toolbox_metrics(prob: np.ndarray, mask: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The toolbox's per-image figures and curves (ascending threshold) of one map, via pysodmetrics."""
+    import py_sod_metrics as sod
+
+    pred, gt = sod.utils.prepare_data(*toolbox_inputs(prob, mask))  # once, as each step(normalize=True) would
+    sm, em, wfm = sod.Smeasure(), sod.Emeasure(), sod.WeightedFmeasure()
+    fm = sod.FmeasureV2({"dice": sod.DICEHandler(with_dynamic=True, with_adaptive=False),
+                         "iou": sod.IOUHandler(with_dynamic=True, with_adaptive=False)})
+    for metric in (sm, em, wfm, fm):
+        metric.step(pred, gt, normalize=False)
+    dynamic = fm.get_results()
+    curves = {"dice": np.flip(dynamic["dice"]["dynamic"]), "iou": np.flip(dynamic["iou"]["dynamic"]),
+              "em": np.flip(np.asarray(em.changeable_ems[0], dtype=np.float64))}
+    scalars = {"tb_dice": float(curves["dice"].mean()), "tb_iou": float(curves["iou"].mean()),
+               "sm": float(sm.sms[0]), "em_mean": float(curves["em"].mean()),
+               "em_adp": float(em.adaptive_ems[0]), "wfm": float(wfm.weighted_fms[0])}
+    return scalars, curves
+
+
+class ImageScores:
+    """Everything measured on one image: the row of ``per_image.csv`` and its curves."""
+
+    def __init__(self, row: dict[str, float], pr: np.ndarray, sweep: list[dict[str, float]], curves: dict[str, np.ndarray]) -> None:
+        self.row, self.pr, self.sweep, self.curves = row, pr, sweep, curves
+
+
+def score_image(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5, method_threshold: float = 0.5,
+                pr_thresholds: Sequence[float] = (), sweep: Sequence[float] = ()) -> ImageScores:
+    """All per-image metrics of ``prob`` against ``mask``: at ``threshold``, at the method's threshold,
+    threshold-free ones (MAE, AUC, toolbox), precision/recall at ``pr_thresholds``, a Dice sweep."""
     gt = mask.astype(bool)
-    precision, recall = np.empty(len(thresholds)), np.empty(len(thresholds))
-    for i, t in enumerate(thresholds):
-        tp, fp, fn, _ = confusion(prob >= t, gt)
-        precision[i], recall[i] = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return precision, recall
+    scores = SortedScores(prob, gt)
+    counts = scores.counts([threshold, method_threshold, *pr_thresholds, *sweep])
+    at_method = rates(*counts[1])
+    row = {**rates(*counts[0]), "dice_at_method_threshold": at_method["dice"],
+           "iou_at_method_threshold": at_method["iou"], "mae": float(np.abs(prob.astype(np.float64) - gt).mean()),
+           "auc": scores.auc()}
+    toolbox, curves = toolbox_metrics(prob, gt)
+    row.update(toolbox)
+    pr = np.array([[r["precision"], r["recall"]] for r in map(lambda c: rates(*c), counts[2:2 + len(pr_thresholds)])])
+    swept = [{"threshold": float(t), **rates(*c)} for t, c in zip(sweep, counts[2 + len(pr_thresholds):], strict=True)]
+    return ImageScores(row, pr.reshape(-1, 2), swept, curves)
+
+
+def summarize(per_image: pd.DataFrame, curves: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Dataset figures: the mean of every per-image metric (NaN-aware), plus ``max_dice``/``max_em``/
+    ``max_iou`` (maximum of the image-averaged toolbox curve, as the toolbox reports ``maxDic``/``maxEm``)."""
+    numeric = per_image.select_dtypes("number")
+    out = {"n": int(len(per_image)), **{k: float(v) for k, v in numeric.mean(skipna=True).items()}}
+    for name, curve in (curves or {}).items():
+        out[f"max_{name}"] = float(np.max(curve))
+    return out

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from polypflow.config import Params
+import pandas as pd
+
+from polypflow.config import Params, Promotion
+from polypflow.stats import promotion_decision
 
 CHAMPION = "champion"
+VAL_SCORES_TAG = "val_per_image"
+VAL_SCORES_ARTIFACT = "validation/val_per_image.csv"
 
 
 def tracking_uri(params: Params) -> str:
@@ -73,30 +79,106 @@ def flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def champion_metric(name: str, metric: str) -> float | None:
     """``metric`` of the model version that holds alias ``champion`` of ``name``, if any."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    value = version.tags.get(metric)
+    version = champion_version(name)
+    value = version.tags.get(metric) if version is not None else None
     return float(value) if value is not None else None
 
 
-def register(model_uri: str, name: str, tags: dict[str, Any], score: float, score_key: str = "val_dice") -> dict:
-    """Register ``model_uri`` as a new version of ``name``; move ``champion`` to it if it scores best.
+def champion_version(name: str) -> Any:
+    """The model version of ``name`` holding alias ``champion`` (None without one)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    Returns ``{"name", "version", "champion", "previous_champion_score"}``.
-    """
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def version_val_scores(version: Any) -> pd.Series | None:
+    """Per-image validation Dice a version was registered with (its ``val_per_image`` artifact)."""
+    import mlflow
+
+    uri = version.tags.get(VAL_SCORES_TAG) if version is not None else None
+    if not uri:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        table = pd.read_csv(path, dtype={"key": str})
+    return table.set_index("key")["dice"]
+
+
+def _decide(name: str, val_scores: pd.Series | None, score: float, score_key: str, promotion: Promotion,
+            seed: int) -> dict:
+    """Promotion decision of a challenger against the current champion of ``name``."""
+    current = champion_version(name)
+    if current is None:
+        return {"promote": True, "reason": "no champion yet", "previous_version": None, "previous_score": None}
+    previous = {"previous_version": int(current.version),
+                "previous_score": float(current.tags[score_key]) if score_key in current.tags else None}
+    champion_scores = version_val_scores(current)
+    if val_scores is None or champion_scores is None:  # versions registered before per-image scores were kept
+        promote = previous["previous_score"] is None or score > previous["previous_score"]
+        return {"promote": promote, "reason": "no per-image validation scores to compare; mean val Dice decides",
+                **previous}
+    decision = promotion_decision(val_scores, champion_scores, promotion.n_boot, seed, promotion.confidence)
+    return {**decision, **previous}
+
+
+def _record(client: Any, name: str, version: str, scope: str, decision: dict, run_id: str | None) -> None:
+    """Log a promotion decision as tags of the model version and of the training run."""
+    tags = {f"promotion.{k}": (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in decision.items()}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value[:5000])
+        if run_id:
+            client.set_tag(run_id, f"promotion.{scope}.{key.removeprefix('promotion.')}", value[:5000])
+
+
+def register_one(model_uri: str, name: str, tags: dict[str, Any], score: float, score_key: str,
+                 val_scores: pd.Series | None, scores_uri: str | None, promotion: Promotion, seed: int,
+                 run_id: str | None, scope: str) -> dict:
+    """Register ``model_uri`` as a version of ``name``; move ``champion`` per :func:`_decide`."""
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    previous = champion_metric(name, score_key)
-    promote = previous is None or score > previous
-    if promote:
+    decision = _decide(name, val_scores, score, score_key, promotion, seed)  # before the new version exists
+    all_tags = {**{k: str(v) for k, v in tags.items()}, **({VAL_SCORES_TAG: scores_uri} if scores_uri else {})}
+    version = mlflow.register_model(model_uri, name, tags=all_tags)
+    if decision["promote"]:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    return {"name": name, "version": int(version.version), "champion": promote, "previous_champion_score": previous}
+    _record(client, name, str(version.version), scope, decision, run_id)
+    return {"name": name, "version": int(version.version), "champion": bool(decision["promote"]),
+            "previous_champion_score": decision.get("previous_score"), "decision": decision}
+
+
+def register(model_uri: str, name: str, tags: dict[str, Any], score: float, score_key: str = "val_dice",
+             val_scores: pd.Series | None = None, run_id: str | None = None, promotion: Promotion | None = None,
+             seed: int = 0, global_name: str | None = None) -> dict:
+    """Register ``model_uri`` under ``name`` (and under ``global_name``, the cross-method model).
+
+    ``champion`` of each moves to the new version only when :func:`polypflow.stats.promotion_decision`
+    says so: its per-image validation Dice (``val_scores``, indexed by image key) beats the champion's
+    on the same images by a paired bootstrap interval that excludes 0. The scores are logged to the
+    training run ``run_id`` (``validation/val_per_image.csv``) and the version points at them, so the
+    next challenger is compared image by image. Each decision (promoted, reason, CI) is a tag of the
+    model version and of the run. Returns ``{"name", "version", "champion", "previous_champion_score",
+    "decision", "global": {...}}``.
+    """
+    from mlflow import MlflowClient
+
+    promotion = promotion or Promotion()
+    scores_uri = None
+    if val_scores is not None and run_id:
+        table = val_scores.rename("dice").rename_axis("key").reset_index()
+        MlflowClient().log_text(run_id, table.to_csv(index=False), VAL_SCORES_ARTIFACT)
+        scores_uri = f"runs:/{run_id}/{VAL_SCORES_ARTIFACT}"
+    out = register_one(model_uri, name, tags, score, score_key, val_scores, scores_uri, promotion, seed, run_id,
+                       "method")
+    if global_name:
+        global_tags = {**tags, "polypflow.method": name, "method_version": out["version"]}
+        if run_id:
+            global_tags["onnx"] = f"runs:/{run_id}/onnx/model.onnx"  # logged there by export@<method>
+        out["global"] = register_one(model_uri, global_name, global_tags, score, score_key, val_scores, scores_uri,
+                                     promotion, seed, run_id, "global")
+    return out

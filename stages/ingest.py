@@ -8,6 +8,7 @@ by file stem; an unpaired file is kept in the manifest with the other path empty
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -50,10 +51,20 @@ def _files_by_stem(folder: Path, extensions: list[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in extensions:
+            _require_text_name(path)
             if path.stem in found:
                 raise SourceError(f"{path}: two files share the stem {path.stem!r} ({found[path.stem].name})")
             found[path.stem] = path
     return found
+
+
+def _require_text_name(path: Path) -> None:
+    """The manifest, DVC and MLflow store names as UTF-8 text; a name that is not (raw bytes) is an error."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise SourceError(f"{shown}: file name is not valid UTF-8; rename the file") from None
 
 
 def sequence_of(stem: str, sequences: list[tuple[int, int]]) -> int | None:

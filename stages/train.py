@@ -23,9 +23,11 @@ from polypflow import onnx_export, tracking
 from polypflow.config import Params, Recipe, load_params
 from polypflow.data import NORMALIZATION, ImageSet, load_image_set
 from polypflow.io import atomic_path, write_json
+from polypflow.metrics import dice_batch
 from polypflow.onnx_export import ProbabilityHead
 from polypflow.pipeline import checkpoint_dir, method_arch, model_dir, read_facts, read_splits
-from polypflow.training import FitResult, fit, load_checkpoint, resolve_device, save_trained, seed_everything
+from polypflow.training import (FitResult, fit, load_checkpoint, predict_probs, resolve_device, save_trained,
+                                seed_everything)
 from stages._cli import main, parser
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,13 @@ def train_method(params: Params, method: str, train_keys: list[str], val_keys: l
     result = fit(model, recipe, train, val, resolve_device(params.device), checkpoint, params.seed,
                  resume=resume, on_epoch=on_epoch, checkpoint_extra={"fingerprint": tag})
     return model, result
+
+
+def val_per_image(params: Params, model: torch.nn.Module, keys: list[str], recipe: Recipe) -> pd.Series:
+    """Validation Dice of each image (the scores behind ``val_dice``), indexed by key, for promotion."""
+    data = load_image_set(read_facts(params), keys, recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
+    probs = predict_probs(model, data.images, recipe.normalize, resolve_device(params.device))
+    return pd.Series(dice_batch(probs, data.masks) if len(keys) else [], index=pd.Index(keys, dtype=str), dtype=float)
 
 
 def log_model(model: torch.nn.Module, meta: dict):
@@ -103,6 +112,9 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                 "std": list(NORMALIZATION[recipe.normalize][1]), "threshold": result.threshold,
                 "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
         save_trained(out / "model.pt", model, **meta)
+        val_scores = val_per_image(params, model, splits["val"], recipe)
+        with atomic_path(out / "val_per_image.csv", suffix=".csv") as tmp:
+            val_scores.rename_axis("key").rename("dice").reset_index().to_csv(tmp, index=False)
         history = pd.DataFrame(result.history)
         with atomic_path(out / "history.csv", suffix=".csv") as tmp:
             history.to_csv(tmp, index=False)
@@ -114,7 +126,9 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         registry = {}
         if params.tracking.register_models:
             registry = tracking.register(info.model_uri, method, tags={**meta, "model_kwargs": json.dumps(kwargs)},
-                                         score=result.best_val_dice)
+                                         score=result.best_val_dice, val_scores=val_scores, run_id=run.info.run_id,
+                                         promotion=params.tracking.promotion, seed=params.seed,
+                                         global_name=params.tracking.global_model)
         write_json(out / "metrics.json", metrics)
         write_json(out / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri, **registry})
     log.info("%s: best val Dice %.4f at epoch %d (registry: %s)", method, result.best_val_dice, result.best_epoch, registry)

@@ -48,12 +48,17 @@ def test_repository_params_load():
         params.seed = 1
 
 
-def test_paper_profile_loads_if_present():
+def test_paper_profile_applied_to_repository_params_loads(tmp_path):
+    """Every recipe override of the paper profile is checked at load time, so it must load cleanly."""
+    from polypflow.profiles import apply
+
     profile = REPO / "profiles" / "paper.yaml"
     if not profile.exists():
         pytest.skip("no paper profile in this checkout")
-    params = load_params(profile)
-    for method in params.methods:
+    target = write(tmp_path, BASE)
+    apply(profile, target)
+    params = load_params(target)
+    for method in params.train.methods:
         params.recipe(method)
 
 

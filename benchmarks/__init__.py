@@ -1,0 +1,1 @@
+"""Speed benchmarks run side by side on the device present (``python -m benchmarks.bench``)."""
