@@ -223,6 +223,7 @@ class Params(Strict):
         if unknown:
             raise ValueError(f"split names datasets {unknown} that ingest.datasets does not define")
         overrides = [(f"methods.{m}.recipe", m, None) for m in self.methods]
+        overrides += [("lr_search.recipe", m, self.lr_search.recipe) for m in self.lr_search.methods]
         for where, method, extra in [*overrides, ("crossval.recipe", self.crossval.method, self.crossval.recipe)]:
             try:  # the overrides are free-form dicts: check them now, not when a stage first merges them
                 self.recipe(method, extra)

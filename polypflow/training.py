@@ -193,7 +193,7 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         probs = predict_probs(model, train.images, recipe.normalize, device, channels_last=recipe.channels_last)
         threshold = search_threshold(probs, train.masks)
     return FitResult(state["best_val_dice"], state["best_epoch"], state["epoch"] + 1,
-                     state["bad_epochs"] >= recipe.early_stop_patience, threshold, state["history"])
+                     state["epoch"] + 1 < recipe.epochs, threshold, state["history"])
 
 
 def save_trained(path: Path, model: nn.Module, **meta) -> None:

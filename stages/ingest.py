@@ -82,7 +82,7 @@ def _size(path: Path | None) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except OSError:  # unreadable: recorded as -1, reported by validate with the file's name
+    except (OSError, SyntaxError):  # unreadable: recorded as -1, reported by validate with the file's name
         return -1, -1
 
 

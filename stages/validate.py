@@ -37,7 +37,7 @@ def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int
                 img.load()
                 facts.update(image_readable=True, channels=len(img.getbands()), image_mode=img.mode)
                 image_size = img.size
-        except OSError as exc:
+        except (OSError, SyntaxError) as exc:  # Pillow raises SyntaxError for some broken PNGs
             facts["image_error"] = str(exc)
     if mask_path:
         try:
@@ -50,7 +50,7 @@ def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int
                 ambiguous_fraction=float(((grey > lo) & (grey < hi)).mean()),
                 mask_fraction=float((grey > threshold).mean()),
             )
-        except OSError as exc:
+        except (OSError, SyntaxError) as exc:  # Pillow raises SyntaxError for some broken PNGs
             facts["mask_error"] = str(exc)
     facts["decoded_size_match"] = image_size is not None and image_size == mask_size
     return facts
