@@ -212,6 +212,7 @@ def png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = ("stages", "polypflow", "models", "flows")
+CODE = ("stages", "polypflow", "models", "flows", "references")  # references/: the report stage reads paper_figures.yaml
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["ingest", "validate", "split", "train@unet", "crossval", "evaluate@unet", "export@unet", "profile@unet"]
+STAGES = ["ingest", "validate", "split", "train@unet", "crossval", "evaluate@unet", "export@unet", "profile@unet",
+          "report"]
 
 
 def dvc(project, *args: str) -> subprocess.CompletedProcess:
@@ -36,6 +37,8 @@ def test_dvc_repro_end_to_end(project):
     cv = json.loads((art / "crossval" / "unet" / "summary.json").read_text())
     assert cv["k"] == 2 and len(cv["folds"]) == 2
     assert len(list((art / "eval" / "unet" / "gradcam").glob("*.png"))) >= 1
+    page = (project / "reports" / "report.html").read_text()
+    assert "<table>" in page and "mDice@0.5" in page and "gamma" in page
 
     from mlflow import MlflowClient
 

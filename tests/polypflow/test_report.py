@@ -1,0 +1,89 @@
+"""The report stage on crafted pipeline outputs: two methods, one clearly better; self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from conftest import REPO, make_pair, synthetic_params
+from polypflow.config import Params
+from stages import report as report_stage
+
+
+def write_eval(root, method: str, keys: dict[str, list[str]], shift: float, rng) -> None:
+    out = root / "artifacts" / "eval" / method
+    (out / "cases").mkdir(parents=True)
+    rows, summary, pr, sweep, cases = [], {}, [], [], []
+    for dataset, ks in keys.items():
+        dice = np.clip(rng.uniform(0.5, 0.8, len(ks)) + shift, 0, 1)
+        part = pd.DataFrame({"key": ks, "dice": dice, "iou": dice / (2 - dice), "tb_dice": dice - 0.02,
+                             "dataset": dataset, "protocol": "unseen" if dataset == "gamma" else "seen"})
+        rows.append(part)
+        summary[dataset] = {"n": len(ks), "protocol": part["protocol"][0], "dice": float(dice.mean()),
+                            "iou": float(part["iou"].mean()), "tb_dice": float(part["tb_dice"].mean()), "auc": None}
+        t = np.linspace(0, 1, 5)
+        pr.append(pd.DataFrame({"threshold": t, "precision": 0.5 + t / 2, "recall": 1 - t, "dataset": dataset}))
+        sweep.append(pd.DataFrame({"threshold": [0.3, 0.5, 0.7], "dice": [0.6, 0.7, 0.65], "dataset": dataset}))
+        Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(out / "cases" / f"{dataset}_best1.png")
+        cases.append({"dataset": dataset, "kind": "best", "rank": 1, "key": ks[0], "dice": 0.9, "file": f"{dataset}_best1.png"})
+    pd.concat(rows).to_csv(out / "per_image.csv", index=False)
+    pd.concat(pr).to_csv(out / "pr.csv", index=False)
+    pd.concat(sweep).to_csv(out / "sweep.csv", index=False)
+    pd.DataFrame(cases).to_csv(out / "cases" / "cases.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary))
+    (out / "gradcam").mkdir()
+    Image.fromarray(np.zeros((8, 32, 3), np.uint8)).save(out / "gradcam" / "panel.png")
+
+
+def crafted_project(tmp_path, synthetic_root) -> Params:
+    raw = synthetic_params(synthetic_root)
+    raw["paths"] = {k: str(tmp_path / v) for k, v in raw["paths"].items()}
+    raw["methods"]["better"] = {"arch": "unet", "model": raw["methods"]["unet"]["model"]}
+    raw["train"]["methods"] = ["unet", "better"]
+    raw["report"] = {"n_boot": 300, "paper_figures": str(REPO / "references" / "paper_figures.yaml")}
+    params = Params.model_validate(raw)
+    keys = {"alpha": [f"alpha/{i}" for i in range(1, 13)], "gamma": [f"gamma/{i}" for i in range(1, 9)]}
+    facts, all_keys = [], {**keys, "beta": [f"beta/{i}" for i in range(1, 9)]}
+    (tmp_path / "img").mkdir()
+    for seed, key in enumerate(k for ks in all_keys.values() for k in ks):
+        path = tmp_path / "img" / f"{key.replace('/', '_')}.png"
+        make_pair(seed)[0].save(path)
+        facts.append({"dataset": key.split("/")[0], "id": key.split("/")[1], "image_path": str(path)})
+    params.paths.facts.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(facts).to_csv(params.paths.facts, index=False)
+    params.paths.splits.write_text(json.dumps({"train": [f"beta/{i}" for i in range(1, 7)], "val": ["beta/7", "beta/8"],
+                                               "test": keys, "unseen": ["gamma"]}))
+    rng = np.random.default_rng(0)
+    write_eval(tmp_path, "unet", keys, 0.0, rng)
+    write_eval(tmp_path, "better", keys, 0.15, np.random.default_rng(0))
+    cv = tmp_path / "artifacts" / "crossval" / "unet"
+    cv.mkdir(parents=True)
+    (cv / "summary.json").write_text(json.dumps({"method": "unet", "k": 2, "dice_mean": 0.7, "dice_std": 0.05, "folds": [0.66, 0.74]}))
+    prof = tmp_path / "artifacts" / "profile" / "unet"
+    prof.mkdir(parents=True)
+    (prof / "profile.json").write_text(json.dumps({
+        "params": 2.5e6, "macs_at_macs_image_size": 3e9, "macs_image_size": 352, "macs_at_image_size": 1e8, "image_size": 64,
+        "batch_size": 1, "device": "cpu", "torch": {"p50_ms": 5.0, "p95_ms": 6.0, "fps": 200.0},
+        "onnxruntime": {"p50_ms": 2.0, "p95_ms": 3.0, "fps": 500.0}}))
+    return params
+
+
+def test_report_stage(tmp_path, synthetic_root):
+    params = crafted_project(tmp_path, synthetic_root)
+    facts = report_stage.run(params)
+    out = params.paths.reports
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "mDice@0.5" in page and "meanDic (tb)" in page
+    assert page.count("data:image/png;base64,") >= 6  # PR, sweep, distribution, CV, cases, Grad-CAM
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # renders offline
+    assert "unseen" in page and "U-Net" in page and "76.69 %" in page  # beside the papers' figures (arch unet)
+    assert "td class='sig'" in page and "Cross-validation" in page and "Leakage check" in page
+    # 'better' is 0.15 above 'unet' on every image of both test sets: both comparisons significant
+    assert facts["comparisons"] == 2 and facts["significant_pairs"] == 2
+    markdown = (out / "report.md").read_text()
+    assert "| method | dataset | protocol |" in markdown and "](figures/pr.png)" in markdown
+    assert (out / "figures" / "pr.png").stat().st_size > 1000
+    assert json.loads((out / "report.json").read_text())["leakage"]["hashed"] == 28
