@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -27,4 +28,9 @@ def main(body: Callable[[], object]) -> None:
         body()
     except (ParamsError, FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
+        sys.exit(1)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow"):
+            raise
+        log.error("MLflow (%s): %s", os.environ.get("MLFLOW_TRACKING_URI", "tracking.uri of params"), exc)
         sys.exit(1)

@@ -111,17 +111,12 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                 "normalize": recipe.normalize, "mean": list(NORMALIZATION[recipe.normalize][0]),
                 "std": list(NORMALIZATION[recipe.normalize][1]), "threshold": result.threshold,
                 "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
-        save_trained(out / "model.pt", model, **meta)
         val_scores = val_per_image(params, model, splits["val"], recipe)
-        with atomic_path(out / "val_per_image.csv", suffix=".csv") as tmp:
-            val_scores.rename_axis("key").rename("dice").reset_index().to_csv(tmp, index=False)
         history = pd.DataFrame(result.history)
-        with atomic_path(out / "history.csv", suffix=".csv") as tmp:
-            history.to_csv(tmp, index=False)
         metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "threshold": result.threshold}
         mlflow.log_metrics({"best_val_dice": result.best_val_dice, "threshold": result.threshold})
-        mlflow.log_artifact(str(out / "history.csv"))
+        mlflow.log_dict(history.to_dict(orient="list"), "history.json")
         info = log_model(model, meta)
         registry = {}
         if params.tracking.register_models:
@@ -129,8 +124,14 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                                          score=result.best_val_dice, val_scores=val_scores, run_id=run.info.run_id,
                                          promotion=params.tracking.promotion, seed=params.seed,
                                          global_name=params.tracking.global_model)
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri, **registry})
+    # local outputs only once MLflow holds the model: a failed upload leaves the previous outputs consistent
+    save_trained(out / "model.pt", model, **meta)
+    with atomic_path(out / "val_per_image.csv", suffix=".csv") as tmp:
+        val_scores.rename_axis("key").rename("dice").reset_index().to_csv(tmp, index=False)
+    with atomic_path(out / "history.csv", suffix=".csv") as tmp:
+        history.to_csv(tmp, index=False)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri, **registry})
     log.info("%s: best val Dice %.4f at epoch %d (registry: %s)", method, result.best_val_dice, result.best_epoch, registry)
     return metrics
 
