@@ -59,7 +59,7 @@ PAPER_IC_POLYPSEG_RECIPE = {
     "weight_decay": 1e-4, "loss": "structure", "epochs": 100, "augment": "basic", "early_stop_patience": 10,
     "max_train_items": None, "amp": True, "channels_last": True,
 }
-PRANET_FULL = {"train": 1305, "val": 145}  # 900 + 550 train images, 10 % held out (used only without splits.json)
+PRANET_FULL = {"train": 1318, "val": 149}  # data/splits.json of the PraNet protocol (seed 42), used without it
 
 
 @dataclass
@@ -527,6 +527,8 @@ def paper_data(params: Any | None, items: int | None, seed: int) -> tuple[ImageS
     try:
         from polypflow.pipeline import read_facts, read_splits
 
+        if params is None:
+            raise FileNotFoundError("no usable params.yaml")
         splits, facts = read_splits(params), read_facts(params)
         full = {"train": len(splits["train"]), "val": len(splits["val"])}
         n_train = min(items or full["train"], full["train"])
