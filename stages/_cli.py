@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from polypflow.config import ParamsError
+from polypflow.config import Params, ParamsError, load_params
 
 log = logging.getLogger("polypflow")
 
@@ -34,3 +34,11 @@ def main(body: Callable[[], object]) -> None:
             raise
         log.error("MLflow (%s): %s", os.environ.get("MLFLOW_TRACKING_URI", "tracking.uri of params"), exc)
         sys.exit(1)
+
+
+def method_main(doc: str | None, run: Callable[[Params, str], object]) -> None:
+    """The command line of a per-method stage: ``python -m stages.<name> --method M [--params FILE]``."""
+    p = parser(doc)
+    p.add_argument("--method", required=True, help="a key of methods: in params.yaml")
+    args = p.parse_args()
+    main(lambda: run(load_params(args.params), args.method))

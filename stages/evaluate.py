@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 
 from polypflow import tracking
-from polypflow.config import Evaluate, Params, load_params
+from polypflow.config import Evaluate, Params
 from polypflow.data import load_image_set, read_image, read_mask
 from polypflow.io import atomic_path, write_json
 from polypflow.metrics import TOOLBOX_CURVES, LEVELS, score_image, summarize
 from polypflow.pipeline import model_dir, read_facts, read_json, read_splits, stage_dir
 from polypflow.predict import draw_overlay, save_png
 from polypflow.training import load_trained, predict_probs, resolve_device
-from stages._cli import main, parser
+from stages._cli import method_main
 
 log = logging.getLogger(__name__)
 GRADCAM_PANELS = 4
@@ -196,7 +196,4 @@ def run(params: Params, method: str) -> dict:
 
 
 if __name__ == "__main__":
-    p = parser(__doc__)
-    p.add_argument("--method", required=True)
-    args = p.parse_args()
-    main(lambda: run(load_params(args.params), args.method))
+    method_main(__doc__, run)

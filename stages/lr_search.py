@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from polypflow import tracking
-from polypflow.config import Params, load_params
+from polypflow.config import Params
 from polypflow.io import atomic_path, write_json
 from polypflow.pipeline import read_splits, stage_dir
-from stages._cli import main, parser
+from stages._cli import method_main
 from stages.train import subsample, train_method
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,4 @@ def run(params: Params, method: str) -> dict:
 
 
 if __name__ == "__main__":
-    p = parser(__doc__)
-    p.add_argument("--method", required=True)
-    args = p.parse_args()
-    main(lambda: run(load_params(args.params), args.method))
+    method_main(__doc__, run)

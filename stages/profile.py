@@ -12,13 +12,13 @@ import logging
 import torch
 
 from polypflow import tracking
-from polypflow.config import Params, load_params
+from polypflow.config import Params
 from polypflow.io import write_json
 from polypflow.onnx_export import onnx_session
 from polypflow.pipeline import model_dir, read_json, stage_dir
 from polypflow.profiling import count_macs, count_params, ort_latency, torch_latency
 from polypflow.training import load_trained, resolve_device
-from stages._cli import main, parser
+from stages._cli import method_main
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,4 @@ def run(params: Params, method: str) -> dict:
 
 
 if __name__ == "__main__":
-    p = parser(__doc__)
-    p.add_argument("--method", required=True)
-    args = p.parse_args()
-    main(lambda: run(load_params(args.params), args.method))
+    method_main(__doc__, run)
