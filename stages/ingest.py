@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from polypflow import tracking
 from polypflow.config import DatasetSpec, Params, load_params
 from polypflow.fetch import SourceError, download, extract, is_archive
 from polypflow.io import atomic_path, sha256_file
@@ -129,7 +130,19 @@ def run(params: Params) -> pd.DataFrame:
     manifest = pd.concat(frames, ignore_index=True)
     with atomic_path(params.paths.manifest, suffix=".csv") as tmp:
         manifest.to_csv(tmp, index=False)
+    log_to_mlflow(params, manifest)
     return manifest
+
+
+def log_to_mlflow(params: Params, manifest: pd.DataFrame) -> None:
+    import mlflow
+
+    with tracking.stage_run(params, "ingest"):
+        mlflow.log_params({f"source.{k}": getattr(s.source, "path", None) or s.source.url
+                           for k, s in params.ingest.datasets.items()})
+        mlflow.log_metrics({f"images.{k}": int((g["image_path"] != "").sum()) for k, g in manifest.groupby("dataset")})
+        mlflow.log_metric("unpaired", int(((manifest["image_path"] == "") | (manifest["mask_path"] == "")).sum()))
+        mlflow.log_artifact(str(params.paths.manifest))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold
 
+from polypflow import tracking
 from polypflow.config import Params, Split, load_params
 from polypflow.io import write_json
 from stages._cli import main, parser
@@ -112,11 +113,23 @@ def check_no_leakage(df: pd.DataFrame) -> None:
             raise ValueError(f"split leaks {column} across sets: {list(spread[spread > 1].index[:5])}")
 
 
+def log_to_mlflow(params: Params, splits: dict) -> None:
+    import mlflow
+
+    with tracking.stage_run(params, "split"):
+        mlflow.log_params({"scheme": params.split.scheme, "seed": params.seed, "folds": params.split.folds,
+                           "datasets": ",".join(params.split.datasets), "unseen": ",".join(params.split.unseen)})
+        mlflow.log_metrics({"train": len(splits["train"]), "val": len(splits["val"]),
+                            **{f"test.{k}": len(v) for k, v in splits["test"].items()}})
+        mlflow.log_artifact(str(params.paths.splits))
+
+
 def run(params: Params) -> dict:
     """Read the validated facts and write ``paths.splits``."""
     facts = pd.read_csv(params.paths.facts, keep_default_na=False, dtype={"id": str})
     splits = make_splits(facts, params.split, params.seed)
     write_json(params.paths.splits, splits)
+    log_to_mlflow(params, splits)
     log.info("%s: train %d, val %d, test %s", params.split.scheme, len(splits["train"]), len(splits["val"]),
              {k: len(v) for k, v in splits["test"].items()})
     return splits

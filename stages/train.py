@@ -8,6 +8,7 @@ alias ``champion`` moves to it when its validation Dice beats the current champi
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -139,6 +140,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("--method", required=True, help="a key of methods: in params.yaml")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the last checkpoint of the same settings (default); --no-resume starts afresh")
     args = p.parse_args()
-    main(lambda: run(load_params(args.params), args.method, resume=not args.no_resume))
+    main(lambda: run(load_params(args.params), args.method, resume=args.resume))

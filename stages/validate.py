@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from polypflow import tracking
 from polypflow.config import Params, Validate, load_params
 from polypflow.io import atomic_path, write_json
 from stages._cli import main, parser
@@ -156,6 +157,17 @@ def readable_failures(checks: list[dict], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+def log_to_mlflow(params: Params, report: dict) -> None:
+    """The suite's outcome, failed or not, with the report as an artifact."""
+    import mlflow
+
+    with tracking.stage_run(params, "validate", tags={"polypflow.validation": "passed" if report["success"] else "failed"}):
+        mlflow.log_params(tracking.flat("validate", params.validate_.model_dump()))
+        mlflow.log_metrics({"images": report["images"], "checks": len(report["checks"]),
+                            "failed_checks": sum(not c["success"] for c in report["checks"])})
+        mlflow.log_artifact(str(params.paths.validation_report))
+
+
 def run(params: Params) -> pd.DataFrame:
     """Measure facts, run the suites, write facts and report; raise :class:`ValidationFailed` on failure."""
     cfg = params.validate_
@@ -168,6 +180,7 @@ def run(params: Params) -> pd.DataFrame:
     report = {"success": all(c["success"] for c in checks), "images": len(facts),
               "datasets": datasets.to_dict(orient="records"), "checks": checks}
     write_json(params.paths.validation_report, report)
+    log_to_mlflow(params, report)
     if not report["success"]:
         raise ValidationFailed(f"data validation failed (report: {params.paths.validation_report}):\n"
                                + readable_failures(checks))

@@ -49,7 +49,7 @@ def test_dvc_repro_end_to_end(project):
     assert float(champion.tags["val_dice"]) == pytest.approx(run.data.metrics["best_val_dice"])
     assert champion.tags["onnx"].endswith("onnx/model.onnx")
     stages = {r.data.tags.get("polypflow.stage") for r in client.search_runs([run.info.experiment_id])}
-    assert {"train", "crossval", "evaluate", "export", "profile"} <= stages
+    assert {"ingest", "validate", "split", "train", "crossval", "evaluate", "export", "profile"} <= stages
 
     start = time.perf_counter()
     second = dvc(project, "repro")
