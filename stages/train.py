@@ -117,7 +117,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "threshold": result.threshold}
         mlflow.log_metrics({"best_val_dice": result.best_val_dice, "threshold": result.threshold})
-        mlflow.log_dict(history.to_dict(orient="list"), "history.json")
+        mlflow.log_text(history.to_csv(index=False), "history.csv")
         info = log_model(model, meta)
         registry = {}
         if params.tracking.register_models:
