@@ -182,7 +182,7 @@ def profile_table(methods: list[MethodResults]) -> pd.DataFrame:
             continue
         rows.append({"method": m.name, "params (M)": p["params"] / 1e6,
                      f"GMACs@{p.get('macs_image_size', 352)}": p["macs_at_macs_image_size"] / 1e9,
-                     f"GMACs@own size": p["macs_at_image_size"] / 1e9, "size": p["image_size"], "batch": p["batch_size"],
+                     "GMACs@own size": p["macs_at_image_size"] / 1e9, "size": p["image_size"], "batch": p["batch_size"],
                      "device": p.get("device_name", p.get("device")),
                      "torch p50 ms": p["torch"]["p50_ms"], "torch p95 ms": p["torch"]["p95_ms"], "torch FPS": p["torch"]["fps"],
                      "ORT p50 ms": p["onnxruntime"]["p50_ms"], "ORT p95 ms": p["onnxruntime"]["p95_ms"],

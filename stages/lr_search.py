@@ -12,7 +12,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 from polypflow import tracking
 from polypflow.config import Params

@@ -22,7 +22,7 @@ import models
 from models import build_model
 from polypflow import onnx_export, tracking
 from polypflow.config import Params, Recipe, load_params
-from polypflow.data import NORMALIZATION, ImageSet, load_image_set
+from polypflow.data import NORMALIZATION, load_image_set
 from polypflow.io import atomic_path, write_json
 from polypflow.metrics import dice_batch
 from polypflow.onnx_export import ProbabilityHead

@@ -81,6 +81,15 @@ def write_params(project: Path, params: dict) -> Path:
     return path
 
 
+def stage_workdir(tmp_path: Path, data_root: Path, monkeypatch) -> Path:
+    """A project without DVC (a stage's ``run()`` needs only params.yaml and the cwd), over ``data_root``."""
+    root = tmp_path / "work"
+    root.mkdir()
+    write_params(root, synthetic_params(data_root))
+    monkeypatch.chdir(root)
+    return root
+
+
 @pytest.fixture
 def project(tmp_path, synthetic_root, monkeypatch) -> Path:
     """A fresh DVC project (no git): the repo's code and dvc.yaml, test params; the cwd is set to it."""

@@ -38,7 +38,7 @@ def test_hash_distances():
 
 
 def test_check_finds_the_planted_duplicate(tmp_path):
-    rows, keys = [], {}
+    rows = []
     for i in range(6):
         image = frame(10 + i)
         path = tmp_path / f"{i}.png"

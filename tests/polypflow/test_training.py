@@ -22,7 +22,6 @@ from polypflow.training import (
     load_checkpoint,
     load_trained,
     predict_probs,
-    save_checkpoint,
     save_trained,
     search_threshold,
 )

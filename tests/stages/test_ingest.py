@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import synthetic_params, write_params
+from conftest import stage_workdir
 from http_server import FileServer
 
 from polypflow.config import load_params
@@ -23,12 +23,8 @@ COUNTS = {"alpha": 24, "beta": 16, "gamma": 10}
 
 @pytest.fixture
 def workdir(tmp_path, synthetic_root, monkeypatch) -> Path:
-    """``project`` without DVC (a stage's ``run()`` needs only params.yaml and the cwd), for speed."""
-    root = tmp_path / "work"
-    root.mkdir()
-    write_params(root, synthetic_params(synthetic_root))
-    monkeypatch.chdir(root)
-    return root
+    """``project`` without DVC, over the shared synthetic data."""
+    return stage_workdir(tmp_path, synthetic_root, monkeypatch)
 
 
 def set_dataset(root: Path, key: str, spec: dict) -> None:

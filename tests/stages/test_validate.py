@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import synthetic_params, write_params
+from conftest import stage_workdir, write_params
 from PIL import Image
 
 from polypflow.config import load_params
@@ -30,12 +30,8 @@ def data(tmp_path, synthetic_root) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path, data, monkeypatch) -> Path:
-    """``project`` without DVC (a stage's ``run()`` needs only params.yaml and the cwd), over ``data``."""
-    root = tmp_path / "work"
-    root.mkdir()
-    write_params(root, synthetic_params(data))
-    monkeypatch.chdir(root)
-    return root
+    """``project`` without DVC, over ``data``."""
+    return stage_workdir(tmp_path, data, monkeypatch)
 
 
 def ingest_and_validate() -> pd.DataFrame:
