@@ -19,6 +19,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow_uri():
+    """MLflow keeps the tracking URI in a process global and copies it into os.environ: reset both after
+    each test, so a test that pointed MLflow at its own (since stopped) server cannot leak into the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def make_pair(seed: int, size: int = 64) -> tuple[Image.Image, Image.Image]:
     """A colonoscopy-like frame: pinkish textured background, a redder elliptical polyp, and its mask."""
     rng = np.random.default_rng(seed)
