@@ -105,6 +105,7 @@ def promotion_decision(challenger: pd.Series, champion: pd.Series | None, n_boot
                                            "no paired comparison possible"}
     ci = paired_bootstrap(challenger, champion, n_boot, seed, confidence)
     gain = ci.low > 0
+    verdict = "lies above 0" if gain else ("includes 0" if ci.high >= 0 else "lies below 0: the challenger is worse")
     reason = (f"validation Dice gain {ci.mean:+.4f}, {confidence:.0%} CI [{ci.low:+.4f}, {ci.high:+.4f}] "
-              f"{'excludes' if gain else 'includes'} 0 (paired bootstrap, n={ci.n}, {n_boot} resamples)")
+              f"{verdict} (paired bootstrap, n={ci.n}, {n_boot} resamples)")
     return {"promote": gain, "reason": reason, **{f"ci_{k}": v for k, v in ci.as_dict().items()}}

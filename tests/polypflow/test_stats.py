@@ -65,6 +65,9 @@ def test_promotion_decision():
     same = promotion_decision(champion.copy(), champion, 500, 0, 0.95)
     assert not same["promote"] and same["ci_low"] <= 0 <= same["ci_high"]
     better = promotion_decision(champion + 0.05, champion, 500, 0, 0.95)
-    assert better["promote"] and better["ci_low"] > 0 and "excludes" in better["reason"]
+    assert better["promote"] and better["ci_low"] > 0 and "lies above 0" in better["reason"]
+    worse = promotion_decision(champion - 0.05, champion, 500, 0, 0.95)
+    assert not worse["promote"] and worse["ci_high"] < 0 and "lies below 0" in worse["reason"]
+    assert "includes 0" in same["reason"]
     other_split = promotion_decision(scores(champion.to_numpy(), "other"), champion, 500, 0, 0.95)
     assert other_split["promote"] and "split changed" in other_split["reason"]
