@@ -15,14 +15,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 from torch import nn
 
-from polypflow.data import NORMALIZATION
-from polypflow.io import atomic_path
+from polypflow.data import to_tensor
+from polypflow.io import write_png
 
 Normalize = Literal["imagenet", "half"]
 
@@ -125,12 +124,6 @@ def overlay(image_uint8_hwc: np.ndarray, heatmap: np.ndarray, mask: np.ndarray |
     return blended
 
 
-def to_tensor(image_uint8_hwc: np.ndarray, normalize: Normalize) -> torch.Tensor:
-    """A uint8 HxWx3 RGB image as a normalised 3xHxW float tensor."""
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in NORMALIZATION[normalize])
-    return (torch.from_numpy(image_uint8_hwc).permute(2, 0, 1).float() / 255 - mean) / std
-
-
 def gray(mask: np.ndarray) -> np.ndarray:
     """A [0, 1] HxW mask as a uint8 HxWx3 image."""
     return np.repeat((np.clip(mask, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
@@ -166,7 +159,6 @@ def save_panels(
     with preserved_state(model):
         for image, mask, name in zip(images, masks, names, strict=True):
             path = Path(out_dir) / f"{name}.png"
-            with atomic_path(path, suffix=".png") as tmp:
-                Image.fromarray(panel(model, image, mask, normalize, layer, threshold)).save(tmp, format="PNG")
+            write_png(path, panel(model, image, mask, normalize, layer, threshold))
             paths.append(path)
     return paths

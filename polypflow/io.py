@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+from PIL import Image
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -43,6 +46,12 @@ def write_text(target: Path | str, text: str) -> None:
 
 def write_json(target: Path | str, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_png(target: Path | str, image: np.ndarray) -> None:
+    """A uint8 image array (H×W or H×W×3) as PNG."""
+    with atomic_path(target, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def sha256_stream(stream: BinaryIO) -> str:

@@ -29,10 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from polypflow.data import read_image
-from polypflow.io import atomic_path
+from polypflow.io import atomic_path, write_png
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -149,11 +148,6 @@ def draw_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None =
     return out
 
 
-def save_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
 def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: float | None = None) -> pd.DataFrame:
     """Segment every image in ``input_dir``; write masks, overlays and ``predictions.csv``."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -166,8 +160,8 @@ def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: fl
         image = read_image(path)
         prob = predict_image(segmenter, image)
         pred = prob >= segmenter.threshold
-        save_png(output_dir / "masks" / f"{path.stem}.png", pred.astype(np.uint8) * 255)
-        save_png(output_dir / "overlays" / f"{path.stem}.png", draw_overlay(image, pred))
+        write_png(output_dir / "masks" / f"{path.stem}.png", pred.astype(np.uint8) * 255)
+        write_png(output_dir / "overlays" / f"{path.stem}.png", draw_overlay(image, pred))
         rows.append({"image": path.name, "polyp_fraction": float(pred.mean()), "max_probability": float(prob.max())})
     table = pd.DataFrame(rows)
     with atomic_path(output_dir / "predictions.csv", suffix=".csv") as tmp:

@@ -27,10 +27,10 @@ import pandas as pd
 from polypflow import tracking
 from polypflow.config import Evaluate, Params
 from polypflow.data import load_image_set, read_image, read_mask
-from polypflow.io import atomic_path, write_json
+from polypflow.io import atomic_path, write_json, write_png
 from polypflow.metrics import TOOLBOX_CURVES, LEVELS, score_image, summarize
 from polypflow.pipeline import model_dir, read_facts, read_json, read_splits, stage_dir
-from polypflow.predict import draw_overlay, save_png
+from polypflow.predict import draw_overlay
 from polypflow.training import load_trained, predict_probs, resolve_device
 from stages._cli import method_main
 
@@ -104,7 +104,7 @@ def draw_cases(scores: DatasetScores, dataset: str, facts: pd.DataFrame, params:
         record = scores.per_image.iloc[i]
         paths = rows_of(facts, [record["key"]]).iloc[0]
         name = f"{dataset}_{kind}{rank}.png"
-        save_png(out / name, case_image(paths["image_path"], paths["mask_path"], scores.probs[i],
+        write_png(out / name, case_image(paths["image_path"], paths["mask_path"], scores.probs[i],
                                         params.evaluate.threshold, params.validate_.mask_threshold))
         rows.append({"dataset": dataset, "kind": kind, "rank": rank, "key": record["key"],
                      "dice": float(record["dice"]), "file": name})
