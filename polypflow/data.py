@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from polypflow.io import atomic_path
+from polypflow.pipeline import by_image_key
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -66,7 +67,7 @@ def _resize_pair(image_path: str, mask_path: str, size: int, threshold: int) -> 
 
 def load_image_set(facts: pd.DataFrame, keys: list[str], size: int, threshold: int, cache_dir: Path) -> ImageSet:
     """Decoded, resized pairs for ``keys`` (``dataset/id``), cached on disk by content and size."""
-    rows = facts.assign(key=facts["dataset"] + "/" + facts["id"].astype(str)).set_index("key").loc[keys]
+    rows = by_image_key(facts).loc[keys]
     fingerprint = hashlib.sha256(json.dumps(
         [size, threshold, list(keys), rows["image_sha256"].tolist(), rows["mask_sha256"].tolist()]
     ).encode()).hexdigest()[:20]

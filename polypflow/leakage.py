@@ -22,6 +22,8 @@ import pandas as pd
 from PIL import Image
 from scipy.fft import dctn
 
+from polypflow.pipeline import by_image_key
+
 HASH_BITS = 64
 COLUMNS = ["test_key", "train_key", "test_side", "train_side", "dhash_distance", "phash_distance"]
 
@@ -90,7 +92,7 @@ def sides(splits: dict) -> pd.DataFrame:
 def check(splits: dict, facts: pd.DataFrame, max_distance: int) -> tuple[pd.DataFrame, dict]:
     """Near-duplicate pairs across the split and a summary (images hashed, pairs, test images affected)."""
     table = sides(splits)
-    paths = facts.assign(key=facts["dataset"] + "/" + facts["id"].astype(str)).set_index("key")["image_path"]
+    paths = by_image_key(facts)["image_path"]
     hashes = hash_table(paths.loc[table["key"]])
     table = table.assign(dhash=hashes[:, 0], phash=hashes[:, 1])
     is_test = table["side"].str.startswith("test/")

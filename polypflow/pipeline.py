@@ -26,6 +26,16 @@ def read_facts(params: Params) -> pd.DataFrame:
     return pd.read_csv(params.paths.facts, keep_default_na=False, dtype={"id": str})
 
 
+def image_keys(facts: pd.DataFrame) -> pd.Series:
+    """Each row's ``dataset/id``: the name splits.json, the image cache and the reports use for an image."""
+    return facts["dataset"] + "/" + facts["id"].astype(str)
+
+
+def by_image_key(facts: pd.DataFrame) -> pd.DataFrame:
+    """``facts`` indexed by :func:`image_keys`."""
+    return facts.set_index(image_keys(facts).rename("key"))
+
+
 def read_splits(params: Params) -> dict:
     with open(params.paths.splits) as f:
         return json.load(f)

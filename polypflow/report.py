@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from polypflow.config import Params
-from polypflow.pipeline import method_arch, stage_dir
+from polypflow.pipeline import by_image_key, method_arch, stage_dir
 from polypflow.stats import bootstrap_ci, holm, paired_bootstrap
 
 RESULT_COLUMNS = {  # summary key -> column title (toolbox figures marked "tb")
@@ -409,7 +409,7 @@ def leakage_section(pairs: pd.DataFrame, summary: dict, facts: pd.DataFrame, sho
     if not len(pairs):
         return section.text("No near-duplicate pair found.")
     section.table(pairs, f"{len(pairs)} near-duplicate pairs (closest first)")
-    paths = facts.assign(key=facts["dataset"] + "/" + facts["id"].astype(str)).set_index("key")["image_path"]
+    paths = by_image_key(facts)["image_path"]
     for i, row in pairs.head(shown).iterrows():
         section.figure(f"leak_{i}", thumbnail_pair([paths[row["test_key"]], paths[row["train_key"]]]),
                        f"test {row['test_key']} | {row['train_side']} {row['train_key']} "

@@ -29,7 +29,7 @@ from polypflow.config import Evaluate, Params
 from polypflow.data import load_image_set, read_image, read_mask
 from polypflow.io import atomic_path, write_json, write_png
 from polypflow.metrics import TOOLBOX_CURVES, LEVELS, score_image, summarize
-from polypflow.pipeline import model_dir, read_facts, read_json, read_splits, stage_dir
+from polypflow.pipeline import by_image_key, model_dir, read_facts, read_json, read_splits, stage_dir
 from polypflow.predict import draw_overlay
 from polypflow.training import load_trained, predict_probs, resolve_device
 from stages._cli import method_main
@@ -54,7 +54,7 @@ class DatasetScores:
 
 
 def rows_of(facts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    return facts.assign(key=facts["dataset"] + "/" + facts["id"]).set_index("key").loc[keys]
+    return by_image_key(facts).loc[keys]
 
 
 def score_dataset(model, meta: dict, params: Params, facts: pd.DataFrame, keys: list[str]) -> DatasetScores:

@@ -19,6 +19,7 @@ from sklearn.model_selection import GroupKFold
 from polypflow import tracking
 from polypflow.config import Params, Split, load_params
 from polypflow.io import write_json
+from polypflow.pipeline import image_keys
 from stages._cli import main, parser
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def split_dataset(df: pd.DataFrame, cfg: Split, rng: np.random.Generator) -> pd.
 def make_splits(facts: pd.DataFrame, cfg: Split, seed: int) -> dict:
     """The splits document: sets of ``dataset/id`` keys, per-dataset test sets, fold assignments."""
     df = facts[facts["dataset"].isin([*cfg.datasets, *cfg.unseen])].copy()
-    df["key"] = df["dataset"] + "/" + df["id"].astype(str)
+    df["key"] = image_keys(df)
     df["leak_group"] = leakage_groups(df)
     rng = np.random.default_rng(seed)
     df["set"] = ""
