@@ -77,13 +77,6 @@ def flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def champion_metric(name: str, metric: str) -> float | None:
-    """``metric`` of the model version that holds alias ``champion`` of ``name``, if any."""
-    version = champion_version(name)
-    value = version.tags.get(metric) if version is not None else None
-    return float(value) if value is not None else None
-
-
 def champion_version(name: str) -> Any:
     """The model version of ``name`` holding alias ``champion`` (None without one)."""
     from mlflow import MlflowClient
