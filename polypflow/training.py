@@ -45,6 +45,17 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def amp_enabled(recipe: Recipe, device: torch.device) -> bool:
+    """bf16 autocast when the recipe asks for AMP: always on CUDA, on a CPU only with native bf16 (AVX512-BF16
+    or AMX), where it is faster; elsewhere emulated bf16 would be slower than fp32, so training stays fp32."""
+    if not recipe.amp:
+        return False
+    if device.type == "cuda":
+        return True
+    native = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in native)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,13 +129,13 @@ def train_epoch(model, loader, loss_fn, optimizer, recipe: Recipe, device, epoch
     model.train()
     rng = np.random.default_rng(epoch)
     total, count = 0.0, 0
-    cuda = device.type == "cuda"
+    amp = amp_enabled(recipe, device)
     for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
         x, y = _rescale(x.to(device), y.to(device), float(rng.choice(recipe.multiscale)))
-        if cuda and recipe.channels_last:
+        if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and recipe.amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(x)
         loss = loss_fn(tuple(o.float() for o in outputs), y, epoch)
         if not torch.isfinite(loss):
@@ -146,8 +157,10 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
     continued from the epoch after the last completed one.
     """
     model.to(device)
-    if device.type == "cuda" and recipe.channels_last:
+    if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
+    log.info("training on %s: AMP (bf16) %s, channels-last %s", device, "on" if amp_enabled(recipe, device) else "off",
+             "on" if recipe.channels_last else "off")
     loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)

@@ -18,6 +18,7 @@ from polypflow.training import (
     CHECKPOINT_FORMAT,
     FitResult,
     _rescale,
+    amp_enabled,
     fit,
     load_checkpoint,
     load_trained,
@@ -280,3 +281,19 @@ def test_fit_with_multiscale_training(tmp_path):
     ms = recipe(epochs=1, augment="none", multiscale=[0.5, 1.5])
     result = fit(tiny_unet(), ms, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_cpu_amp_only_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert amp_enabled(recipe(amp=True), CPU) is expected
+    assert amp_enabled(recipe(amp=False), CPU) is False
+    assert amp_enabled(recipe(amp=True), torch.device("cuda")) is True
+
+
+def test_channels_last_training_keeps_the_model_channels_last(tmp_path):
+    model = tiny_unet()
+    fit(model, recipe(epochs=1, channels_last=True), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
