@@ -3,7 +3,8 @@
 ``dvc.yaml`` stays the one owner of the stage order: each task asks DVC to reproduce a target (DVC runs
 whatever upstream stages are stale), so a retried or re-run flow redoes only what changed, and a training
 stage killed mid-run resumes from its checkpoint. Retries and their delay come from ``schedule`` in
-params.yaml.
+params.yaml. With ``fanout.enabled``, the training of every stale method and every CV fold first runs in
+parallel on Dask, one fit per GPU (:mod:`flows.fanout`); the DVC stages then find their fits done.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows.fanout import fit_jobs, run_fan_out
 from polypflow.config import load_params
 
 
@@ -35,6 +37,16 @@ def dvc_repro(project_dir: str, targets: list[str]) -> str:
         raise RuntimeError(f"dvc repro {' '.join(targets)} failed with exit code {proc.returncode}:\n{tail}")
     logger.info("dvc repro %s:\n%s", " ".join(targets), tail)
     return proc.stdout
+
+
+@task(name="dvc-status", task_run_name="dvc status {targets}")
+def dvc_stale(project_dir: str, targets: list[str]) -> list[str]:
+    """The stages among (and upstream of) ``targets`` that ``dvc repro`` would run."""
+    proc = subprocess.run([*dvc_command(), "status", "--json", *targets], cwd=project_dir, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc status {' '.join(targets)} failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return sorted(json.loads(proc.stdout or "{}"))
 
 
 @task(name="collect-results")
@@ -57,7 +69,8 @@ def collect_results(project_dir: str, params_file: str, methods: list[str]) -> d
 @flow(name="polypflow-pipeline", log_prints=True)
 def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml", methods: list[str] | None = None,
                        crossval: bool = True) -> dict:
-    """Reproduce the pipeline: data stages, then per method train/evaluate/export/profile, then CV."""
+    """Reproduce the pipeline: data stages, the fan-out of fits, per method train/evaluate/export/profile, then
+    CV and (for every method) the report."""
     project_dir = str(Path(project_dir).resolve())
     params = load_params(Path(project_dir) / params_file)
     methods = methods or list(params.train.methods)
@@ -66,11 +79,17 @@ def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
         raise ValueError(f"methods {unknown} are not in train.methods of {params_file}; dvc.yaml has no stages for them")
     repro = dvc_repro.with_options(retries=params.schedule.retries, retry_delay_seconds=params.schedule.retry_delay_s)
     repro(project_dir, ["split"])
+    fits = []
+    if params.fanout.enabled:
+        stale = dvc_stale(project_dir, [f"train@{m}" for m in methods] + (["crossval"] if crossval else []))
+        jobs = fit_jobs(params, [m for m in methods if f"train@{m}" in stale], "crossval" in stale)
+        if jobs:
+            fits = run_fan_out(project_dir, params_file, params, jobs)
     for method in methods:
         repro(project_dir, [f"evaluate@{method}", f"profile@{method}"])
-    if crossval:
-        repro(project_dir, ["crossval"])
-    return collect_results(project_dir, params_file, methods)
+    if crossval:  # the report compares every method and shows the CV: only for a whole run
+        repro(project_dir, ["crossval", *(["report"] if set(methods) == set(params.train.methods) else [])])
+    return {**collect_results(project_dir, params_file, methods), "fanout": fits}
 
 
 if __name__ == "__main__":

@@ -195,6 +195,16 @@ class Schedule(Strict):
     retry_delay_s: int = Field(ge=0)
 
 
+class Fanout(Strict):
+    """Prefect flows: training and CV folds as parallel tasks on Dask (``flows/fanout.py``), each holding one
+    unit of the Dask worker resource ``GPU``: at most one fit per GPU at a time."""
+
+    enabled: bool = True
+    address: str | None = None          # an existing Dask scheduler (tcp://host:8786); None: a local cluster
+    devices: list[str] = Field(["0"], min_length=1)   # local cluster: one worker per entry, CUDA_VISIBLE_DEVICES
+    threads_per_worker: int | None = Field(None, ge=1)  # torch/OpenMP threads per local worker; None: cores / workers
+
+
 class Params(Strict):
     seed: int
     device: Literal["auto", "cpu", "cuda"]
@@ -211,6 +221,7 @@ class Params(Strict):
     profile: Profile
     export: Export
     schedule: Schedule
+    fanout: Fanout = Fanout()
     report: Report = Report()
 
     @model_validator(mode="after")

@@ -77,6 +77,26 @@ def flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class EpochLogger:
+    """Per-epoch metrics into the active MLflow run: live through :meth:`__call__` (a fit's ``on_epoch``),
+    then :meth:`backfill` the epochs the fit restored from its checkpoint (a resumed run, or one whose
+    epochs a flow's fan-out already trained), so every run carries its whole curve."""
+
+    def __init__(self) -> None:
+        self.logged: set[int] = set()
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=epoch)
+        self.logged.add(epoch)
+
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        for row in history:
+            if int(row["epoch"]) not in self.logged:
+                self(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+
+
 def champion_version(name: str) -> Any:
     """The model version of ``name`` holding alias ``champion`` (None without one)."""
     from mlflow import MlflowClient

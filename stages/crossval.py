@@ -13,9 +13,10 @@ import logging
 import pandas as pd
 
 from polypflow import tracking
-from polypflow.config import Params, load_params
+from polypflow.config import Params, Recipe, load_params
 from polypflow.io import atomic_path, write_json
 from polypflow.pipeline import checkpoint_dir, read_splits, stage_dir
+from polypflow.training import FitResult
 from stages._cli import main, parser
 from stages.train import subsample, train_method
 
@@ -29,26 +30,40 @@ def fold_keys(splits: dict, fold: int) -> tuple[list[str], list[str]]:
     return train, held_out
 
 
+def crossval_recipe(params: Params) -> Recipe:
+    """The method's recipe with ``crossval.recipe`` over it; no early stop (nothing to select on)."""
+    return params.recipe(params.crossval.method, params.crossval.recipe).model_copy(update={"early_stop_patience": 10**6})
+
+
+def fit_fold(params: Params, fold: int, resume: bool = True, on_epoch=None) -> tuple[FitResult, int, int]:
+    """Train fold ``fold`` to its checkpoint (what the flows' fan-out runs, ``--fold``); the stage then
+    resumes the finished checkpoint. Returns the fit and the train / held-out sizes."""
+    method, recipe, splits = params.crossval.method, crossval_recipe(params), read_splits(params)
+    if not 0 <= fold < splits["folds"]["k"]:
+        raise ValueError(f"fold {fold} does not exist: {params.paths.splits} has {splits['folds']['k']} folds")
+    train_keys, held_out = fold_keys(splits, fold)
+    train_keys = subsample(train_keys, recipe.max_train_items, params.seed + fold)
+    ckpt = checkpoint_dir(params, f"crossval-{method}") / f"fold{fold}.pt"
+    _, result = train_method(params, method, train_keys, held_out, recipe, ckpt, resume, on_epoch)
+    return result, len(train_keys), len(held_out)
+
+
 def run(params: Params, resume: bool = True) -> dict:
     """Train and score every fold; write ``folds.csv`` and ``summary.json``."""
     import mlflow
 
-    method = params.crossval.method
-    recipe = params.recipe(method, params.crossval.recipe).model_copy(update={"early_stop_patience": 10**6})
-    splits = read_splits(params)
-    k = splits["folds"]["k"]
+    method, recipe = params.crossval.method, crossval_recipe(params)
+    k = read_splits(params)["folds"]["k"]
     rows = []
     with tracking.stage_run(params, "crossval", method) as parent:
         mlflow.log_params(tracking.flat("", {"method": method, "folds": k, "recipe": recipe.model_dump()}))
         for fold in range(k):
-            train_keys, held_out = fold_keys(splits, fold)
-            train_keys = subsample(train_keys, recipe.max_train_items, params.seed + fold)
             with tracking.stage_run(params, "crossval", method, parent_run_id=parent.info.run_id,
                                     run_name=f"crossval-{method}-fold{fold}"):
-                log_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
-                ckpt = checkpoint_dir(params, f"crossval-{method}") / f"fold{fold}.pt"
-                _, result = train_method(params, method, train_keys, held_out, recipe, ckpt, resume, log_epoch)
-                row = {"fold": fold, "n_train": len(train_keys), "n_held_out": len(held_out),
+                epochs = tracking.EpochLogger()
+                result, n_train, n_held_out = fit_fold(params, fold, resume, epochs)
+                epochs.backfill(result.history)
+                row = {"fold": fold, "n_train": n_train, "n_held_out": n_held_out,
                        "dice": result.history[-1]["val_dice"], "dice_best_epoch": result.best_val_dice}
                 mlflow.log_metrics({"fold_dice": row["dice"]})
             rows.append(row)
@@ -69,5 +84,10 @@ def run(params: Params, resume: bool = True) -> dict:
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--fold", type=int, help="only train this fold's checkpoint (no MLflow, no outputs): what the "
+                                            "flows' fan-out runs; the stage then scores the finished folds")
     args = p.parse_args()
-    main(lambda: run(load_params(args.params), resume=not args.no_resume))
+    if args.fold is None:
+        main(lambda: run(load_params(args.params), resume=not args.no_resume))
+    else:
+        main(lambda: fit_fold(load_params(args.params), args.fold, resume=not args.no_resume))

@@ -42,6 +42,11 @@ def subsample(keys: list[str], limit: int | None, seed: int) -> list[str]:
     return sorted(rng.choice(keys, size=limit, replace=False).tolist())
 
 
+def train_keys(params: Params, splits: dict, recipe: Recipe) -> list[str]:
+    """The training images of a method: the split's train set, subsampled to the recipe's limit."""
+    return subsample(splits["train"], recipe.max_train_items, params.seed)
+
+
 def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -90,22 +95,34 @@ def log_model(model: torch.nn.Module, meta: dict):
     )
 
 
+def fit_checkpoint(params: Params, method: str, resume: bool = True,
+                   on_epoch=None) -> tuple[torch.nn.Module, FitResult]:
+    """Fit ``method`` to its checkpoint in ``artifacts/checkpoints/<method>/``, nothing else: the part of the
+    stage a flow fans out (``--fit-only``); the stage itself then resumes the finished checkpoint."""
+    recipe = params.recipe(method)
+    splits = read_splits(params)
+    ckpt = checkpoint_dir(params, method) / "checkpoint.pt"
+    return train_method(params, method, train_keys(params, splits, recipe), splits["val"], recipe, ckpt, resume,
+                        on_epoch)
+
+
 def run(params: Params, method: str, resume: bool = True) -> dict:
     """Train ``method``; write its model directory and return its metrics."""
     import mlflow
 
     recipe = params.recipe(method)
     splits = read_splits(params)
-    train_keys = subsample(splits["train"], recipe.max_train_items, params.seed)
-    out, ckpt = model_dir(params, method), checkpoint_dir(params, method) / "checkpoint.pt"
+    out = model_dir(params, method)
     arch, kwargs = method_arch(params, method)
     with tracking.stage_run(params, "train", method) as run:
         mlflow.log_params(tracking.flat("", {"method": method, "arch": arch, "model": kwargs,
                                               "recipe": recipe.model_dump(), "seed": params.seed,
-                                              "split.scheme": splits["scheme"], "n_train": len(train_keys),
+                                              "split.scheme": splits["scheme"],
+                                              "n_train": len(train_keys(params, splits, recipe)),
                                               "n_val": len(splits["val"])}))
-        on_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
-        model, result = train_method(params, method, train_keys, splits["val"], recipe, ckpt, resume, on_epoch)
+        epochs = tracking.EpochLogger()
+        model, result = fit_checkpoint(params, method, resume, epochs)
+        epochs.backfill(result.history)
         if hasattr(model, "threshold") and isinstance(model.threshold, torch.Tensor):
             model.threshold.fill_(result.threshold)
         meta = {"method": method, "arch": arch, "model_kwargs": kwargs, "image_size": recipe.image_size,
@@ -142,5 +159,8 @@ if __name__ == "__main__":
     p.add_argument("--method", required=True, help="a key of methods: in params.yaml")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the last checkpoint of the same settings (default); --no-resume starts afresh")
+    p.add_argument("--fit-only", action="store_true",
+                   help="only train the checkpoint (no MLflow, no outputs): what the flows' fan-out runs")
     args = p.parse_args()
-    main(lambda: run(load_params(args.params), args.method, resume=args.resume))
+    stage = fit_checkpoint if args.fit_only else run
+    main(lambda: stage(load_params(args.params), args.method, resume=args.resume))

@@ -23,6 +23,7 @@ def test_flow_runs_pipeline(project, prefect_api):
     assert unet["registry"]["champion"] is True and unet["registry"]["version"] == 1
     assert unet["profile"]["onnxruntime"]["fps"] > 0
     assert (project / "dvc.lock").exists()
+    assert [(f["name"], f["device"]) for f in result["fanout"]] == [("train@unet", "0")]  # fitted on the Dask worker
 
 
 def test_failing_target_is_retried_then_raises(project, prefect_api):
