@@ -167,6 +167,8 @@ class Report(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     leakage_max_distance: int = Field(4, ge=0, le=64)  # dHash and pHash Hamming distance (of 64 bits)
     paper_figures: Path = Path("references/paper_figures.yaml")
+    # (A, B) pairs of the significance table, e.g. each paper's method against its baseline; empty: every pair
+    pairs: list[tuple[str, str]] = []
 
 
 class Profile(Strict):
@@ -230,6 +232,9 @@ class Params(Strict):
         missing = [m for m in named if m not in self.methods]
         if missing:
             raise ValueError(f"train.methods/crossval.method/lr_search.methods name {missing}, absent from methods:")
+        unpaired = sorted({m for pair in self.report.pairs for m in pair} - set(self.methods))
+        if unpaired:
+            raise ValueError(f"report.pairs names {unpaired}, absent from methods:")
         unknown = [d for d in [*self.split.datasets, *self.split.unseen] if d not in self.ingest.datasets]
         if unknown:
             raise ValueError(f"split names datasets {unknown} that ingest.datasets does not define")

@@ -158,10 +158,21 @@ def comparison_table(methods: list[MethodResults], figures: pd.DataFrame, crossv
     return pd.DataFrame(rows)
 
 
-def significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float) -> pd.DataFrame:
-    """Paired bootstrap CI of the Dice difference of every pair of methods on every shared test set."""
+def compared_pairs(methods: list[MethodResults], pairs: list[tuple[str, str]]) -> list[tuple[MethodResults, MethodResults]]:
+    """The (A, B) pairs of the significance table: ``pairs`` whose two methods were both evaluated, or every
+    pair of ``methods`` when ``pairs`` is empty."""
+    if not pairs:
+        return list(itertools.combinations(methods, 2))
+    by_name = {m.name: m for m in methods}
+    return [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+
+
+def significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float,
+                       pairs: list[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Paired bootstrap CI of the Dice difference of each compared pair (:func:`compared_pairs`) on every
+    test set both were scored on."""
     rows = []
-    for a, b in itertools.combinations(methods, 2):
+    for a, b in compared_pairs(methods, list(pairs)):
         for dataset in sorted(set(a.summary) & set(b.summary)):
             sa, sb = (m.per_image[m.per_image["dataset"] == dataset].set_index("key")["dice"] for m in (a, b))
             ci = paired_bootstrap(sa, sb, n_boot, seed, confidence)
@@ -218,14 +229,26 @@ def png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _axes(n: int, width: float = 4.0, height: float = 3.4):
+def _axes(n: int, width: float = 4.0, height: float = 3.4, stacked: bool = False):
+    """``n`` panels side by side (or one above the other when ``stacked``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, axes[0]
+    rows, cols = (n, 1) if stacked else (1, n)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return fig, list(axes.flat)
+
+
+def line_styles(methods: list[MethodResults]) -> dict[str, dict]:
+    """A distinct colour and dash per method, stable across figures (20 colours, then dashed, then dotted)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    dashes = ["-", "--", ":", "-."]
+    return {m.name: {"color": colours[i % len(colours)], "ls": dashes[i // len(colours) % len(dashes)]}
+            for i, m in enumerate(methods)}
 
 
 def datasets_of(methods: list[MethodResults]) -> list[str]:
@@ -239,31 +262,38 @@ def m_protocol(methods: list[MethodResults], dataset: str) -> str:
 def curve_figure(methods: list[MethodResults], table: str, x: str, y: str, xlabel: str, ylabel: str,
                  mark: str | None = None) -> bytes:
     """One panel per test set, one line per method, from each method's ``pr``/``sweep`` table."""
-    datasets = datasets_of(methods)
+    datasets, styles = datasets_of(methods), line_styles(methods)
     fig, axes = _axes(len(datasets))
     for ax, dataset in zip(axes, datasets, strict=True):
         for m in methods:
             frame = getattr(m, table)
             part = frame[frame["dataset"] == dataset] if len(frame) else frame
             if len(part):
-                ax.plot(part[x], part[y], marker="o", markersize=3, label=m.name)
+                ax.plot(part[x], part[y], marker="o", markersize=3, lw=1.2, label=m.name, **styles[m.name])
             if mark and dataset in m.summary:
-                ax.axvline(m.train.get("threshold", 0.5), color="grey", lw=0.8, ls=":")
+                ax.axvline(m.train.get("threshold", 0.5), color=styles[m.name]["color"], lw=0.8, ls=":")
         ax.set(title=f"{dataset} ({m_protocol(methods, dataset)})", xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(methods) <= 6:
+        axes[-1].legend(handles, labels, fontsize=8)
+    else:  # one legend for all panels, beside them
+        fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   ncol=1 + len(methods) // 16)
     return png(fig)
 
 
 def distribution_figure(methods: list[MethodResults]) -> bytes:
     """Per-image Dice at 0.5: a box per method in each test set, the images as jittered dots."""
     datasets = datasets_of(methods)
-    fig, axes = _axes(len(datasets), width=max(3.0, 1.2 * len(methods) + 1.5))
+    many = len(methods) > 4  # then one panel per row, wide enough for every method's box
+    fig, axes = _axes(len(datasets), width=max(3.0, (0.5 if many else 1.2) * len(methods) + 1.5), stacked=many)
     rng = np.random.default_rng(0)
     for ax, dataset in zip(axes, datasets, strict=True):
         values = [m.per_image.loc[m.per_image["dataset"] == dataset, "dice"].to_numpy() for m in methods]
         ax.boxplot(values, showmeans=True, widths=0.5)
-        ax.set_xticks(range(1, len(methods) + 1), [m.name for m in methods], rotation=20)
+        ax.set_xticks(range(1, len(methods) + 1), [m.name for m in methods], rotation=60 if many else 20,
+                      ha="right" if many else "center")
         for i, v in enumerate(values, 1):
             ax.scatter(i + rng.uniform(-0.18, 0.18, len(v)), v, s=5, alpha=0.35, color="tab:blue")
         ax.set(title=f"{dataset} ({m_protocol(methods, dataset)})", ylabel="Dice per image", ylim=(-0.02, 1.02))
@@ -386,7 +416,10 @@ def significance_section(methods: list[MethodResults], cfg, seed: int) -> tuple[
         f"Paired bootstrap of the per-image Dice difference (A − B) on the images both methods were scored on: "
         f"{cfg.n_boot} resamples (seed {seed}), {cfg.confidence:.0%} percentile interval; 'significant' = the "
         "interval excludes 0. The bootstrap p-value and its Holm adjustment over all rows are given beside it.")
-    table = significance_table(methods, cfg.n_boot, seed, cfg.confidence)
+    if cfg.pairs:
+        section.text("Pairs compared (report.pairs): each paper's proposed method against its own baseline or "
+                     "ablation, where both were evaluated.")
+    table = significance_table(methods, cfg.n_boot, seed, cfg.confidence, cfg.pairs)
     if len(table):
         section.table(table)
     else:

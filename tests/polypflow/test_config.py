@@ -128,6 +128,12 @@ def test_train_method_absent_from_methods(tmp_path):
     assert str(path) in str(info.value) and "methods" in str(info.value)
 
 
+def test_report_pair_absent_from_methods(tmp_path):
+    path = write(tmp_path, edited(report__pairs=[["unet_if", "unet"], ["unet", "unet_typo"]]))
+    with pytest.raises(ParamsError, match=r"report.pairs names \['unet_typo'\]"):
+        load_params(path)
+
+
 def test_crossval_method_absent_from_methods(tmp_path):
     with pytest.raises(ParamsError, match="ghost"):
         load_params(write(tmp_path, edited(crossval__method="ghost")))

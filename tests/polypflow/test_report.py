@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from conftest import REPO, make_pair, synthetic_params
 from polypflow.config import Params
+from polypflow.report import line_styles, load_method
 from stages import report as report_stage
 
 
@@ -87,3 +89,21 @@ def test_report_stage(tmp_path, synthetic_root):
     assert "| method | dataset | protocol |" in markdown and "](figures/pr.png)" in markdown
     assert (out / "figures" / "pr.png").stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["leakage"]["hashed"] == 28
+
+
+def test_report_pairs_choose_the_comparisons(tmp_path, synthetic_root):
+    params = crafted_project(tmp_path, synthetic_root)
+    params = params.model_copy(update={"report": params.report.model_copy(update={"pairs": [("better", "unet"),
+                                                                                           ("unet", "not_evaluated")]})})
+    facts = report_stage.run(params)
+    assert facts["comparisons"] == 2   # better vs unet on both test sets; the pair with an absent method is skipped
+    page = (params.paths.reports / "report.html").read_text()
+    assert "Pairs compared (report.pairs)" in page
+
+
+def test_every_method_gets_its_own_line_style(tmp_path, synthetic_root):
+    params = crafted_project(tmp_path, synthetic_root)
+    method = load_method(params, "unet")
+    many = [dataclasses.replace(method, name=f"m{i}") for i in range(23)]
+    styles = line_styles(many)
+    assert len({(tuple(s["color"]), s["ls"]) for s in styles.values()}) == 23
