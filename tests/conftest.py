@@ -86,6 +86,7 @@ def synthetic_params(data_root: Path) -> dict:
     params["methods"] = {"unet": {"model": {"encoder": "test_efficientnet", "pretrained": "none",
                                             "decoder_channels": [16, 16, 8, 8, 8]}}}
     params["crossval"] = {"method": "unet", "recipe": {"epochs": 1}}
+    params["report"]["pairs"] = []  # the repository's pairs name its methods
     params["evaluate"].update(pr_points=5, batch_size=8)
     params["profile"].update(macs_image_size=64, warmup=1, iterations=2)
     return params

@@ -109,6 +109,11 @@ def test_failed_fit_fails_the_fan_out_naming_it(two_gpu_project, prefect_api):
     with pytest.raises(RuntimeError, match=r"fan-out fits failed: train@nope \("):
         run_fan_out(two_gpu_project, "params.yaml", params, jobs)
     assert (two_gpu_project / "artifacts" / "checkpoints" / "unet" / "checkpoint.pt").exists()  # the others ran
+    assert not (two_gpu_project / "artifacts" / "models" / "unet").exists()  # a fit writes its checkpoint only:
+    from mlflow import MlflowClient                                             # no outputs, no MLflow run
+
+    experiment = MlflowClient().get_experiment_by_name("polypflow")
+    assert not MlflowClient().search_runs([experiment.experiment_id], "tags.`polypflow.stage` = 'train'")
 
 
 @pytest.mark.slow
