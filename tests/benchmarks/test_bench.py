@@ -38,9 +38,9 @@ def test_inference_rows_are_sane(quick_result):
     (model,) = result["models"]
     assert model["method"] == "fcn" and model["params"] > 0 and model["macs"] > 0 and model["ceiling_fps"] > 0
     rows = {r["backend"]: r for r in result["inference"]}
-    assert {"eager_fp32", "amp_channels_last", "ort_cpu", "ort_cpu_fp16"} <= set(rows)
+    assert {"eager_fp32", "amp_channels_last", "ort_cpu", "ort_cpu_fp16", "ort_cpu_int8"} <= set(rows)
     assert "compile" not in rows  # --skip-compile
-    for name in ("eager_fp32", "amp_channels_last", "ort_cpu"):
+    for name in ("eager_fp32", "amp_channels_last", "ort_cpu", "ort_cpu_int8"):
         row = rows[name]
         assert row["status"] == "ok", row
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["fps"] > 0
@@ -59,3 +59,27 @@ def test_training_data_and_report(quick_result):
     assert data["keeps_up"] and data["keeps_up"][0]["ratio"] > 0
     assert "ort_cpu_fp16" in md and "failed: " in md and "## Training throughput" in md
     assert any(t["target"].startswith("ORT CPU latency") for t in result["targets"]) or result["meta"]["device"] != "cpu"
+
+
+def test_int8_model_is_quantised_and_close_to_fp32(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from models import build_model, method_entry
+    from polypflow.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model("fcn", **{**method_entry("fcn").test_kwargs, "pretrained": "none"}).eval()
+    fp32 = export_onnx(model, tmp_path / "fcn.onnx", image_size=64)
+    int8 = bench.int8_onnx(fp32, tmp_path / "fcn-int8.onnx", size=64)
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    outputs = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+               for f in (fp32, int8)]
+    fp32_out, int8_out = (o.ravel() for o in outputs)
+    assert int8_out.shape == fp32_out.shape
+    assert np.corrcoef(fp32_out, int8_out)[0, 1] > 0.9   # the untrained model's map varies little: compare shapes
+    assert np.abs(int8_out - fp32_out).max() < 0.5 * np.ptp(fp32_out)
