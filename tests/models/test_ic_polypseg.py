@@ -116,3 +116,13 @@ def test_ef0_decoder_size_is_near_the_paper():
     decoder = count(model) - count(model.encoder)
     print(f"IC-PolypSeg EF0 decoder params: {decoder / 1e6:.3f} M (paper 0.67 M)")
     assert 0.64e6 < decoder < 0.72e6  # measured 0.677 M at the default C = 44
+
+
+@pytest.mark.parametrize("variant", range(8))
+def test_every_efficientnet_variant_builds_with_a_small_decoder(variant):
+    """EF0..EF7 = timm efficientnet_b0..b7: the contract holds, the decoder stays near the paper's 0.67-1.01 M."""
+    model = build_ic_polypseg(encoder=f"efficientnet_b{variant}", pretrained="none").eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(1, 3, 64, 64))
+    assert len(outputs) == 5 and all(o.shape == (1, 1, 64, 64) for o in outputs)
+    assert 0.6e6 < count(model) - count(model.encoder) < 1.1e6
