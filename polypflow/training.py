@@ -31,7 +31,7 @@ CHECKPOINT_FORMAT = "polypflow-checkpoint-v1"
 
 @dataclass
 class FitResult:
-    best_val_dice: float
+    best_val_dice: float  # val Dice at 0.5 of the selected epoch (selected on it, or on val_dice_tuned)
     best_epoch: int
     epochs_run: int
     stopped_early: bool
@@ -109,11 +109,17 @@ def predict_probs(model: nn.Module, images: np.ndarray, normalize: str, device: 
     return np.concatenate(out) if out else np.zeros((0, *images.shape[1:3]), np.float32)
 
 
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def grid_dice(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Mean Dice at each threshold of :data:`THRESHOLD_GRID`."""
+    return np.array([dice_batch(probs, masks, t).mean() for t in THRESHOLD_GRID])
+
+
 def search_threshold(probs: np.ndarray, masks: np.ndarray) -> float:
     """The binarisation threshold maximising mean Dice (grid 0.05..0.95), as CRIS chooses it."""
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
-    scores = [dice_batch(probs, masks, t).mean() for t in grid]
-    return float(grid[int(np.argmax(scores))])
+    return float(THRESHOLD_GRID[int(np.argmax(grid_dice(probs, masks)))])
 
 
 def _rescale(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +170,14 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
     loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
-    state = {"epoch": -1, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [],
+    state = {"epoch": -1, "best_score": -1.0, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [],
              "best_model": None}
     if resume and checkpoint.exists():
         saved = load_checkpoint(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        saved.setdefault("best_score", saved["best_val_dice"])  # checkpoints from before best_score
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
     dataset = SegDataset(train, recipe.normalize, recipe.augment)
@@ -187,16 +194,20 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         probs = predict_probs(model, val.images, recipe.normalize, device, channels_last=recipe.channels_last)
         val_dice = float(dice_batch(probs, val.masks).mean()) if len(val.keys) else 0.0
         metrics = {"train_loss": train_loss, "val_dice": val_dice, "lr": optimizer.param_groups[0]["lr"]}
+        score = val_dice  # what epochs are selected on: the Dice the model will be used with
+        if recipe.threshold_search and len(val.keys):  # its threshold is searched after training: the grid's best
+            score = metrics["val_dice_tuned"] = float(grid_dice(probs, val.masks).max())
         state["history"].append({"epoch": epoch + 1, **metrics})
-        if val_dice > state["best_val_dice"]:
-            state.update(best_val_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0,
+        if score > state["best_score"]:
+            state.update(best_score=score, best_val_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0,
                          best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
-        log.info("epoch %d/%d train_loss %.4f val_dice %.4f", epoch + 1, recipe.epochs, train_loss, val_dice)
+        log.info("epoch %d/%d train_loss %.4f val_dice %.4f%s", epoch + 1, recipe.epochs, train_loss, val_dice,
+                 f" (at the best threshold {score:.4f})" if "val_dice_tuned" in metrics else "")
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
     if state["best_model"] is not None:

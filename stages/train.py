@@ -69,11 +69,13 @@ def train_method(params: Params, method: str, train_keys: list[str], val_keys: l
     return model, result
 
 
-def val_per_image(params: Params, model: torch.nn.Module, keys: list[str], recipe: Recipe) -> pd.Series:
-    """Validation Dice of each image (the scores behind ``val_dice``), indexed by key, for promotion."""
+def val_per_image(params: Params, model: torch.nn.Module, keys: list[str], recipe: Recipe,
+                  threshold: float = 0.5) -> pd.Series:
+    """Validation Dice of each image at the model's ``threshold``, indexed by key, for promotion."""
     data = load_image_set(read_facts(params), keys, recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
     probs = predict_probs(model, data.images, recipe.normalize, resolve_device(params.device))
-    return pd.Series(dice_batch(probs, data.masks) if len(keys) else [], index=pd.Index(keys, dtype=str), dtype=float)
+    return pd.Series(dice_batch(probs, data.masks, threshold) if len(keys) else [], index=pd.Index(keys, dtype=str),
+                     dtype=float)
 
 
 def log_model(model: torch.nn.Module, meta: dict):
@@ -129,7 +131,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                 "normalize": recipe.normalize, "mean": list(NORMALIZATION[recipe.normalize][0]),
                 "std": list(NORMALIZATION[recipe.normalize][1]), "threshold": result.threshold,
                 "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
-        val_scores = val_per_image(params, model, splits["val"], recipe)
+        val_scores = val_per_image(params, model, splits["val"], recipe, result.threshold)
         history = pd.DataFrame(result.history)
         metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "threshold": result.threshold}

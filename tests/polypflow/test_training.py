@@ -240,6 +240,30 @@ def test_threshold_search_in_fit_is_reported(tmp_path):
     assert result.threshold == round(result.threshold, 2)
 
 
+def test_searched_threshold_recipes_select_epochs_on_the_tuned_dice(tmp_path, monkeypatch):
+    """Epoch 1 is right at 0.5 on half the pixels, epoch 2 under-confident (all polyp pixels at 0.3, Dice@0.5 = 0,
+    Dice@0.3 = 1): with a searched threshold the model is used at its threshold, so epoch 2 must win."""
+    from polypflow import training
+
+    masks = VAL.masks.astype(np.float32)
+    half = masks.copy()
+    half[:, :, : masks.shape[2] // 2] = 0
+    scripted = iter([half * 0.9, masks * 0.3, TRAIN.masks * 0.3])  # epoch 1, epoch 2, the threshold search on train
+    monkeypatch.setattr(training, "predict_probs", lambda *args, **kwargs: next(scripted))
+    result = fit(tiny_unet(), recipe(epochs=2, threshold_search=True), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED)
+    first, second = result.history
+    assert second["val_dice"] == 0.0 and second["val_dice_tuned"] == pytest.approx(1.0)
+    assert 0 < first["val_dice"] < 1 and first["val_dice_tuned"] == pytest.approx(first["val_dice"])
+    assert result.best_epoch == 2 and result.best_val_dice == 0.0  # selected on the tuned Dice, reported at 0.5
+    assert result.threshold <= 0.3  # the train search: only thresholds up to 0.3 see the polyp
+
+
+def test_fixed_threshold_recipes_select_epochs_on_the_dice_at_05(tmp_path):
+    result = fit(tiny_unet(), recipe(epochs=2), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED)
+    assert "val_dice_tuned" not in result.history[0]
+    assert result.best_val_dice == max(h["val_dice"] for h in result.history)
+
+
 def test_save_and_load_trained_round_trip(tmp_path):
     model = tiny_unet(seed=3).eval()
     kwargs = dict(method_entry("unet").test_kwargs)
