@@ -85,7 +85,7 @@ def fan_out(project_dir: str, params_file: str, jobs: dict[str, list[str]], retr
     with dask.annotate(resources={GPU: 1}):
         futures = {name: fitter.submit(project_dir, params_file, name, args) for name, args in jobs.items()}
     wait(list(futures.values()))
-    failed = [name for name, future in futures.items() if future.state.is_failed()]
+    failed = [name for name, future in futures.items() if not future.state.is_completed()]  # failed or crashed
     if failed:
         raise RuntimeError(f"fan-out fits failed: {', '.join(failed)} (see their task logs)")
     return [future.result() for future in futures.values()]

@@ -13,7 +13,7 @@ import base64
 import html
 import io
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,7 +158,8 @@ def comparison_table(methods: list[MethodResults], figures: pd.DataFrame, crossv
     return pd.DataFrame(rows)
 
 
-def compared_pairs(methods: list[MethodResults], pairs: list[tuple[str, str]]) -> list[tuple[MethodResults, MethodResults]]:
+def compared_pairs(methods: list[MethodResults],
+                   pairs: Sequence[tuple[str, str]]) -> list[tuple[MethodResults, MethodResults]]:
     """The (A, B) pairs of the significance table: ``pairs`` whose two methods were both evaluated, or every
     pair of ``methods`` when ``pairs`` is empty."""
     if not pairs:
@@ -168,11 +169,11 @@ def compared_pairs(methods: list[MethodResults], pairs: list[tuple[str, str]]) -
 
 
 def significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float,
-                       pairs: list[tuple[str, str]] = ()) -> pd.DataFrame:
+                       pairs: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
     """Paired bootstrap CI of the Dice difference of each compared pair (:func:`compared_pairs`) on every
     test set both were scored on."""
     rows = []
-    for a, b in compared_pairs(methods, list(pairs)):
+    for a, b in compared_pairs(methods, pairs):
         for dataset in sorted(set(a.summary) & set(b.summary)):
             sa, sb = (m.per_image[m.per_image["dataset"] == dataset].set_index("key")["dice"] for m in (a, b))
             ci = paired_bootstrap(sa, sb, n_boot, seed, confidence)
