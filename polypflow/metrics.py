@@ -27,6 +27,9 @@ BINARY_METRICS = ["dice", "iou", "precision", "recall", "specificity", "fnr", "a
 TOOLBOX_METRICS = ["tb_dice", "tb_iou", "sm", "em_mean", "em_adp", "wfm"]
 TOOLBOX_CURVES = ["dice", "iou", "em"]  # 256 values each, index t = threshold t/255 of the 8-bit map
 LEVELS = 256
+# the Dice of a model as it ships: binarised at the threshold stored with it (0.5 unless its recipe searched
+# one, as CRIS does); the column ranked, plotted, compared and tagged, "dice" staying the protocol's Dice@0.5
+MODEL_DICE = "dice_at_method_threshold"
 
 
 def _ratio(num: float, den: float) -> float:

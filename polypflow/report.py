@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from polypflow.config import Params
+from polypflow.metrics import MODEL_DICE
 from polypflow.pipeline import by_image_key, method_arch, stage_dir
 from polypflow.stats import bootstrap_ci, holm, paired_bootstrap
 
@@ -117,10 +118,10 @@ def results_table(methods: list[MethodResults], n_boot: int, seed: int, confiden
     rows = []
     for m in methods:
         for dataset, s in m.summary.items():
-            dice = m.per_image.loc[m.per_image["dataset"] == dataset, "dice"].to_numpy()
+            dice = m.per_image.loc[m.per_image["dataset"] == dataset, MODEL_DICE].to_numpy()
             ci = bootstrap_ci(dice, n_boot, seed, confidence)
             rows.append({"method": m.name, "dataset": dataset, "protocol": s.get("protocol", "?"), "n": s["n"],
-                         "mDice 95% CI": f"[{ci.low:.3f}, {ci.high:.3f}]",
+                         "mDice@thr 95% CI": f"[{ci.low:.3f}, {ci.high:.3f}]",
                          **{title: s.get(key) for key, title in RESULT_COLUMNS.items()}})
     return pd.DataFrame(rows)
 
@@ -142,7 +143,9 @@ def our_value(m: MethodResults, figure: pd.Series, crossval: dict | None) -> tup
     if not pd.isna(figure["at_threshold"]) and len(m.sweep):
         at = m.sweep[(m.sweep["dataset"] == dataset) & np.isclose(m.sweep["threshold"], figure["at_threshold"])]
         return (float(at[metric].iloc[0]) if len(at) and metric in at else None), None
-    return s.get(metric), s.get(f"tb_{metric}") if metric in ("dice", "iou") else None
+    if metric in ("dice", "iou"):  # the model's own threshold, as it ships; the toolbox's figure beside it
+        return s.get(f"{metric}_at_method_threshold", s.get(metric)), s.get(f"tb_{metric}")
+    return s.get(metric), None
 
 
 def comparison_table(methods: list[MethodResults], figures: pd.DataFrame, crossval: dict | None) -> pd.DataFrame:
@@ -175,7 +178,7 @@ def significance_table(methods: list[MethodResults], n_boot: int, seed: int, con
     rows = []
     for a, b in compared_pairs(methods, pairs):
         for dataset in sorted(set(a.summary) & set(b.summary)):
-            sa, sb = (m.per_image[m.per_image["dataset"] == dataset].set_index("key")["dice"] for m in (a, b))
+            sa, sb = (m.per_image[m.per_image["dataset"] == dataset].set_index("key")[MODEL_DICE] for m in (a, b))
             ci = paired_bootstrap(sa, sb, n_boot, seed, confidence)
             rows.append({"dataset": dataset, "A": a.name, "B": b.name, "n paired": ci.n,
                          "mean Dice A − B": ci.mean, "CI low": ci.low, "CI high": ci.high, "p (bootstrap)": ci.p_value,
@@ -285,13 +288,13 @@ def curve_figure(methods: list[MethodResults], table: str, x: str, y: str, xlabe
 
 
 def distribution_figure(methods: list[MethodResults]) -> bytes:
-    """Per-image Dice at 0.5: a box per method in each test set, the images as jittered dots."""
+    """Per-image Dice at each method's threshold: a box per method in each test set, the images as dots."""
     datasets = datasets_of(methods)
     many = len(methods) > 4  # then one panel per row, wide enough for every method's box
     fig, axes = _axes(len(datasets), width=max(3.0, (0.5 if many else 1.2) * len(methods) + 1.5), stacked=many)
     rng = np.random.default_rng(0)
     for ax, dataset in zip(axes, datasets, strict=True):
-        values = [m.per_image.loc[m.per_image["dataset"] == dataset, "dice"].to_numpy() for m in methods]
+        values = [m.per_image.loc[m.per_image["dataset"] == dataset, MODEL_DICE].to_numpy() for m in methods]
         ax.boxplot(values, showmeans=True, widths=0.5)
         ax.set_xticks(range(1, len(methods) + 1), [m.name for m in methods], rotation=60 if many else 20,
                       ha="right" if many else "center")
@@ -340,10 +343,11 @@ def results_sections(methods, papers, figures, crossval, cfg, seed) -> list[Sect
     results = results_table(methods, cfg.n_boot, seed, cfg.confidence)
     main = Section("Results: every method × test set × metric").text(
         "Per image, then averaged over the test set, at the masks' original resolution. '@0.5': thresholded at "
-        "0.5; '@thr': at the method's own threshold; '(tb)': the community's evaluation toolbox (pysodmetrics; "
+        "0.5; '@thr': at the method's own threshold (stored with the model: the Dice it ships with, and the one the "
+        "intervals, box plots, cases and significance tests use); '(tb)': the community's evaluation toolbox (pysodmetrics; "
         "meanDic/meanIoU average 256 thresholds of the min-max normalised 8-bit map; maxDic/maxEm are the maximum "
         "of the image-averaged curve). Protocol: 'seen' = the test part of a dataset that was trained on, 'unseen' "
-        f"= a dataset never trained on (PraNet protocol). The mDice interval is a {cfg.confidence:.0%} bootstrap "
+        f"= a dataset never trained on (PraNet protocol). The mDice@thr interval is a {cfg.confidence:.0%} bootstrap "
         f"interval over images ({cfg.n_boot} resamples).").table(results, "Test-set means")
     compare = comparison_table(methods, figures, crossval)
     paper = Section("Beside the papers' figures").text(
@@ -371,9 +375,10 @@ def curve_sections(methods: list[MethodResults]) -> list[Section]:
     curves.figure("sweep", curve_figure(methods, "sweep", "threshold", "dice", "threshold", "mean Dice", mark="threshold"),
                   "Threshold sweep: mean Dice for thresholds 0.3..0.7 (dotted: the method's threshold).")
     curves.figure("dice_distribution", distribution_figure(methods),
-                  "Per-image Dice at 0.5 (box: quartiles, triangle: mean; dots: images).")
+                  "Per-image Dice at the method's threshold (box: quartiles, triangle: mean; dots: images).")
     cases = Section("Best and worst cases").text(
-        "Per test set, the images with the highest and lowest Dice at 0.5: the image, then the prediction in red "
+        "Per test set, the images with the highest and lowest Dice at the method's threshold: the image, then the "
+        "prediction at that threshold in red "
         "(filled, with its outline) and the ground-truth outline in green.")
     for m in methods:
         for _, c in m.cases.iterrows():
@@ -467,7 +472,7 @@ def build(params: Params, methods: list[MethodResults], crossval: dict | None, l
                 leakage_section(pairs, leak_summary, facts)]
     facts_out = {"methods": [m.name for m in methods], "significant_pairs": int((sig_table.get("significant", pd.Series()) == "yes").sum()),
                  "comparisons": int(len(sig_table)), "leakage_pairs": int(leak_summary["pairs"]),
-                 "mean_dice": {f"{m.name}.{d}": s["dice"] for m in methods for d, s in m.summary.items()}}
+                 "mean_dice": {f"{m.name}.{d}": s[MODEL_DICE] for m in methods for d, s in m.summary.items()}}
     return Report("polypflow evaluation report", sections, facts_out)
 
 

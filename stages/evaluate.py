@@ -28,7 +28,7 @@ from polypflow import tracking
 from polypflow.config import Evaluate, Params
 from polypflow.data import load_image_set, read_image, read_mask
 from polypflow.io import atomic_path, write_json, write_png
-from polypflow.metrics import TOOLBOX_CURVES, LEVELS, score_image, summarize
+from polypflow.metrics import MODEL_DICE, TOOLBOX_CURVES, LEVELS, score_image, summarize
 from polypflow.pipeline import by_image_key, model_dir, read_facts, read_json, read_splits, stage_dir
 from polypflow.predict import draw_overlay
 from polypflow.training import load_trained, predict_probs, resolve_device
@@ -93,10 +93,12 @@ def case_image(image_path: str, mask_path: str, prob: np.ndarray, threshold: flo
     return cv2.resize(pair, (round(pair.shape[1] * scale), CASE_HEIGHT), interpolation=cv2.INTER_AREA)
 
 
-def draw_cases(scores: DatasetScores, dataset: str, facts: pd.DataFrame, params: Params, out: Path) -> list[dict]:
-    """Overlays of the best and worst ``evaluate.cases`` images of one test set (by Dice at 0.5)."""
+def draw_cases(scores: DatasetScores, dataset: str, facts: pd.DataFrame, params: Params, threshold: float,
+               out: Path) -> list[dict]:
+    """Overlays of the best and worst ``evaluate.cases`` images of one test set, by the Dice at the model's
+    ``threshold`` (the prediction drawn at it)."""
     k = min(params.evaluate.cases, len(scores.per_image))
-    order = scores.per_image.reset_index(drop=True).sort_values(["dice", "key"], ascending=[False, True], kind="stable")
+    order = scores.per_image.reset_index(drop=True).sort_values([MODEL_DICE, "key"], ascending=[False, True], kind="stable")
     picks = [("best", r, i) for r, i in enumerate(order.index[:k], 1)] + \
             [("worst", r, i) for r, i in enumerate(order.index[::-1][:k], 1)]
     rows = []
@@ -105,9 +107,9 @@ def draw_cases(scores: DatasetScores, dataset: str, facts: pd.DataFrame, params:
         paths = rows_of(facts, [record["key"]]).iloc[0]
         name = f"{dataset}_{kind}{rank}.png"
         write_png(out / name, case_image(paths["image_path"], paths["mask_path"], scores.probs[i],
-                                        params.evaluate.threshold, params.validate_.mask_threshold))
+                                        threshold, params.validate_.mask_threshold))
         rows.append({"dataset": dataset, "kind": kind, "rank": rank, "key": record["key"],
-                     "dice": float(record["dice"]), "file": name})
+                     "dice": float(record[MODEL_DICE]), "file": name})
     return rows
 
 
@@ -148,9 +150,10 @@ def evaluate_all(model, meta: dict, params: Params, splits: dict, facts: pd.Data
             tables[name].append(getattr(scores, name).assign(dataset=dataset, protocol=protocol))
         curves = {f"{name}": scores.curves[name].to_numpy() for name in TOOLBOX_CURVES}
         summary[dataset] = {"protocol": protocol, **{k: json_number(v) for k, v in summarize(scores.per_image, curves).items()}}
-        cases += draw_cases(scores, dataset, facts, params, out / "cases")
-        log.info("%s (%s): mDice %.4f mIoU %.4f meanDic %.4f S %.4f (n=%d)", dataset, protocol, summary[dataset]["dice"],
-                 summary[dataset]["iou"], summary[dataset]["tb_dice"], summary[dataset]["sm"], len(keys))
+        cases += draw_cases(scores, dataset, facts, params, meta["threshold"], out / "cases")
+        s = summary[dataset]
+        log.info("%s (%s): mDice@%.2f %.4f (mDice@0.5 %.4f mIoU@0.5 %.4f) meanDic %.4f S %.4f (n=%d)", dataset,
+                 protocol, meta["threshold"], s[MODEL_DICE], s["dice"], s["iou"], s["tb_dice"], s["sm"], len(keys))
     for name, parts in tables.items():
         write_csv(out / f"{name}.csv", pd.concat(parts))
     write_csv(out / "cases" / "cases.csv", pd.DataFrame(cases, columns=["dataset", "kind", "rank", "key", "dice", "file"]))
@@ -176,7 +179,7 @@ def log_to_mlflow(params: Params, method: str, train_run: dict, summary: dict, o
         if not version:
             continue
         for dataset, m in summary.items():
-            client.set_model_version_tag(name, str(version), f"test_dice.{dataset}", f"{m['dice']:.4f}")
+            client.set_model_version_tag(name, str(version), f"test_dice.{dataset}", f"{m[MODEL_DICE]:.4f}")
             client.set_model_version_tag(name, str(version), f"test_meandic.{dataset}", f"{m['tb_dice']:.4f}")
 
 
