@@ -45,6 +45,8 @@ from polypflow.data import (NORMALIZATION, ImageSet, SegDataset, augmentation, l
 from polypflow.losses import build_loss
 from polypflow.onnx_export import ProbabilityHead, export_onnx
 from polypflow.profiling import count_macs, count_params, latency
+from polypflow.config import Recipe
+from polypflow.training import amp_enabled
 
 MEAN, STD = NORMALIZATION["imagenet"]
 TARGETS = {
@@ -380,27 +382,26 @@ def add_ratios(rows: list[dict], ceiling_fps: float | None) -> None:
 
 
 def train_throughput(method: str, kwargs: dict, size: int, batch: int, loss: str, setup: Setup) -> dict:
-    """images/s of forward + loss + backward + AdamW step, as ``polypflow.training`` trains."""
-    device, cuda = setup.device, setup.device.type == "cuda"
+    """images/s of forward + loss + backward + AdamW step, as ``polypflow.training`` trains with the default
+    recipe (channels-last, bf16 autocast where it pays on the device)."""
+    device = setup.device
+    amp = amp_enabled(Recipe.model_construct(amp=True), device)  # the trainer's rule for `amp: true`
     torch.manual_seed(0)
-    model = build_model(method, **kwargs).to(device).train()
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    model = build_model(method, **kwargs).to(device).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = build_loss(loss)
-    x = torch.rand(batch, 3, size, size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last) if cuda else x
+    x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, size, size, device=device) > 0.7).float()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(x)
         loss_fn(tuple(o.float() for o in outputs), y, 0).backward()
         optimizer.step()
 
     stats = latency(step, setup.warmup, setup.iterations, setup.sync)
-    return {**stats, "images_per_s": 1e3 * batch / stats["mean_ms"], "amp": "bf16" if cuda else "off"}
+    return {**stats, "images_per_s": 1e3 * batch / stats["mean_ms"], "amp": "bf16" if amp else "off"}
 
 
 def bench_training(methods: Sequence[str], kwargs_of: Callable[[str], dict], loss_of: Callable[[str], str],
@@ -580,7 +581,6 @@ def paper_data(params: Any | None, items: int | None, seed: int) -> tuple[ImageS
 
 def bench_paper(params: Any | None, epochs: int, items: int | None, setup: Setup) -> dict:
     """Time ``epochs`` epochs of IC-PolypSeg-EF0 through ``polypflow.training.fit``; extrapolate to 100."""
-    from polypflow.config import Recipe
     from polypflow.training import fit
 
     start = time.perf_counter()
