@@ -45,8 +45,7 @@ from polypflow.data import (NORMALIZATION, ImageSet, SegDataset, augmentation, l
 from polypflow.losses import build_loss
 from polypflow.onnx_export import ProbabilityHead, export_onnx
 from polypflow.profiling import count_macs, count_params, latency
-from polypflow.config import Recipe
-from polypflow.training import amp_enabled
+from polypflow.training import bf16_pays
 
 MEAN, STD = NORMALIZATION["imagenet"]
 TARGETS = {
@@ -384,8 +383,7 @@ def add_ratios(rows: list[dict], ceiling_fps: float | None) -> None:
 def train_throughput(method: str, kwargs: dict, size: int, batch: int, loss: str, setup: Setup) -> dict:
     """images/s of forward + loss + backward + AdamW step, as ``polypflow.training`` trains with the default
     recipe (channels-last, bf16 autocast where it pays on the device)."""
-    device = setup.device
-    amp = amp_enabled(Recipe.model_construct(amp=True), device)  # the trainer's rule for `amp: true`
+    device, amp = setup.device, bf16_pays(setup.device)
     torch.manual_seed(0)
     model = build_model(method, **kwargs).to(device).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -581,6 +579,7 @@ def paper_data(params: Any | None, items: int | None, seed: int) -> tuple[ImageS
 
 def bench_paper(params: Any | None, epochs: int, items: int | None, setup: Setup) -> dict:
     """Time ``epochs`` epochs of IC-PolypSeg-EF0 through ``polypflow.training.fit``; extrapolate to 100."""
+    from polypflow.config import Recipe
     from polypflow.training import fit
 
     start = time.perf_counter()

@@ -45,15 +45,18 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def amp_enabled(recipe: Recipe, device: torch.device) -> bool:
-    """bf16 autocast when the recipe asks for AMP: always on CUDA, on a CPU only with native bf16 (AVX512-BF16
-    or AMX), where it is faster; elsewhere emulated bf16 would be slower than fp32, so training stays fp32."""
-    if not recipe.amp:
-        return False
+def bf16_pays(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds ``device`` up: always on CUDA, on a CPU only with native bf16 (AVX512-BF16
+    or AMX); elsewhere emulated bf16 would be slower than fp32."""
     if device.type == "cuda":
         return True
     native = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in native)
+
+
+def amp_enabled(recipe: Recipe, device: torch.device) -> bool:
+    """bf16 autocast when the recipe asks for AMP and it pays on ``device``; otherwise training stays fp32."""
+    return recipe.amp and bf16_pays(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -117,6 +120,12 @@ def grid_dice(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.array([dice_batch(probs, masks, t).mean() for t in THRESHOLD_GRID])
 
 
+def selection_score(metrics: dict) -> float:
+    """What epochs are selected on: the val Dice the model will be used with, i.e. ``val_dice_tuned`` (at the
+    grid's best threshold) when the recipe searches its threshold after training, else ``val_dice`` (at 0.5)."""
+    return metrics.get("val_dice_tuned", metrics["val_dice"])
+
+
 def search_threshold(probs: np.ndarray, masks: np.ndarray) -> float:
     """The binarisation threshold maximising mean Dice (grid 0.05..0.95), as CRIS chooses it."""
     return float(THRESHOLD_GRID[int(np.argmax(grid_dice(probs, masks)))])
@@ -170,14 +179,12 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
     loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
-    state = {"epoch": -1, "best_score": -1.0, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [],
-             "best_model": None}
+    state = {"epoch": -1, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
     if resume and checkpoint.exists():
         saved = load_checkpoint(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        saved.setdefault("best_score", saved["best_val_dice"])  # checkpoints from before best_score
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
     dataset = SegDataset(train, recipe.normalize, recipe.augment)
@@ -194,12 +201,12 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         probs = predict_probs(model, val.images, recipe.normalize, device, channels_last=recipe.channels_last)
         val_dice = float(dice_batch(probs, val.masks).mean()) if len(val.keys) else 0.0
         metrics = {"train_loss": train_loss, "val_dice": val_dice, "lr": optimizer.param_groups[0]["lr"]}
-        score = val_dice  # what epochs are selected on: the Dice the model will be used with
-        if recipe.threshold_search and len(val.keys):  # its threshold is searched after training: the grid's best
-            score = metrics["val_dice_tuned"] = float(grid_dice(probs, val.masks).max())
+        if recipe.threshold_search and len(val.keys):
+            metrics["val_dice_tuned"] = float(grid_dice(probs, val.masks).max())
+        best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None
         state["history"].append({"epoch": epoch + 1, **metrics})
-        if score > state["best_score"]:
-            state.update(best_score=score, best_val_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0,
+        if best is None or selection_score(metrics) > selection_score(best):
+            state.update(best_val_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0,
                          best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
@@ -207,7 +214,7 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
         log.info("epoch %d/%d train_loss %.4f val_dice %.4f%s", epoch + 1, recipe.epochs, train_loss, val_dice,
-                 f" (at the best threshold {score:.4f})" if "val_dice_tuned" in metrics else "")
+                 f", at the grid's best threshold {metrics['val_dice_tuned']:.4f}" if "val_dice_tuned" in metrics else "")
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
     if state["best_model"] is not None:
