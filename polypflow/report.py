@@ -144,7 +144,7 @@ def our_value(m: MethodResults, figure: pd.Series, crossval: dict | None) -> tup
         at = m.sweep[(m.sweep["dataset"] == dataset) & np.isclose(m.sweep["threshold"], figure["at_threshold"])]
         return (float(at[metric].iloc[0]) if len(at) and metric in at else None), None
     if metric in ("dice", "iou"):  # the model's own threshold, as it ships; the toolbox's figure beside it
-        return s.get(f"{metric}_at_method_threshold", s.get(metric)), s.get(f"tb_{metric}")
+        return s.get(f"{metric}_at_method_threshold"), s.get(f"tb_{metric}")
     return s.get(metric), None
 
 

@@ -152,8 +152,10 @@ def evaluate_all(model, meta: dict, params: Params, splits: dict, facts: pd.Data
         summary[dataset] = {"protocol": protocol, **{k: json_number(v) for k, v in summarize(scores.per_image, curves).items()}}
         cases += draw_cases(scores, dataset, facts, params, meta["threshold"], out / "cases")
         s = summary[dataset]
-        log.info("%s (%s): mDice@%.2f %.4f (mDice@0.5 %.4f mIoU@0.5 %.4f) meanDic %.4f S %.4f (n=%d)", dataset,
-                 protocol, meta["threshold"], s[MODEL_DICE], s["dice"], s["iou"], s["tb_dice"], s["sm"], len(keys))
+        fixed = params.evaluate.threshold
+        log.info("%s (%s): mDice@%.2f %.4f%s meanDic %.4f S %.4f (n=%d)", dataset, protocol, meta["threshold"],
+                 s[MODEL_DICE], "" if meta["threshold"] == fixed else f" (mDice@{fixed:.2f} {s['dice']:.4f})",
+                 s["tb_dice"], s["sm"], len(keys))
     for name, parts in tables.items():
         write_csv(out / f"{name}.csv", pd.concat(parts))
     write_csv(out / "cases" / "cases.csv", pd.DataFrame(cases, columns=["dataset", "kind", "rank", "key", "dice", "file"]))

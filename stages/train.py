@@ -70,7 +70,7 @@ def train_method(params: Params, method: str, train_keys: list[str], val_keys: l
 
 
 def val_per_image(params: Params, model: torch.nn.Module, keys: list[str], recipe: Recipe,
-                  threshold: float = 0.5) -> pd.Series:
+                  threshold: float) -> pd.Series:
     """Validation Dice of each image at the model's ``threshold``, indexed by key, for promotion."""
     data = load_image_set(read_facts(params), keys, recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
     probs = predict_probs(model, data.images, recipe.normalize, resolve_device(params.device))
