@@ -214,7 +214,8 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
         log.info("epoch %d/%d train_loss %.4f val_dice %.4f%s", epoch + 1, recipe.epochs, train_loss, val_dice,
-                 f", at the grid's best threshold {metrics['val_dice_tuned']:.4f}" if "val_dice_tuned" in metrics else "")
+                 f", val_dice_tuned {metrics['val_dice_tuned']:.4f} (at the grid's best threshold)"
+                 if "val_dice_tuned" in metrics else "")
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
     if state["best_model"] is not None:
