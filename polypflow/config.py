@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -85,14 +85,28 @@ class Validate(Strict):
     max_duplicates_across: int = Field(ge=0)
 
 
+SPLIT_SCHEMES = ("pranet", "pranet_grouped", "70_15_15", "80_10_10")
+
+
 class Split(Strict):
-    scheme: Literal["70_15_15", "80_10_10", "pranet"]
+    """``pranet``: the PraNet protocol's exact test lists (``pranet_test_lists``); ``pranet_grouped``: its sizes
+    (``pranet_train``) with whole video sequences per set; ``70_15_15`` / ``80_10_10``: seeded, sequence-safe."""
+
+    scheme: Literal["pranet", "pranet_grouped", "70_15_15", "80_10_10"]
     datasets: list[str]
     unseen: list[str] = []
     pranet_train: dict[str, int] = {}
+    pranet_test_lists: dict[str, Path] = {}   # dataset -> text file of its test ids, one per line
     val_fraction_of_train: float = Field(0.1, gt=0, lt=1)
     folds: int = Field(ge=2)
     max_items_per_dataset: int | None = None
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _scheme_read_as_number(cls, value: Any) -> Any:
+        """YAML (and ``dvc exp run -S split.scheme=70_15_15``) reads ``70_15_15`` as the integer 701515."""
+        by_digits = {s.replace("_", ""): s for s in SPLIT_SCHEMES if s[0].isdigit()}
+        return by_digits.get(str(value), value) if isinstance(value, int) else value
 
 
 class Recipe(Strict):

@@ -30,10 +30,22 @@ def bce_dice(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return bce(logits, mask) + dice(logits, mask)
 
 
-def structure(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Weighted BCE + weighted IoU, boundary pixels up-weighted (F3Net/PraNet "structure loss")."""
+def boundary_weight(mask: torch.Tensor) -> torch.Tensor:
+    """``1 + 5 |avgpool_k(mask) - mask|``, the structure loss's pixel weights (k = 31 px at 352 px, scaled).
+
+    The k x k mean (zero padding counted, as ``avg_pool2d`` does) is computed as a k x 1 then a 1 x k mean:
+    the same box filter at 2k instead of k^2 operations per pixel."""
     kernel = max(3, (min(mask.shape[-2:]) * 31 // 352) | 1)  # 31 px at 352 px, scaled with the image
-    weight = 1 + 5 * torch.abs(F.avg_pool2d(mask, kernel, stride=1, padding=kernel // 2) - mask)
+    pad = kernel // 2
+    box = F.avg_pool2d(F.avg_pool2d(mask, (kernel, 1), stride=1, padding=(pad, 0)), (1, kernel), stride=1, padding=(0, pad))
+    return 1 + 5 * torch.abs(box - mask)
+
+
+def structure(logits: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted BCE + weighted IoU, boundary pixels up-weighted (F3Net/PraNet "structure loss").
+
+    ``weight`` (:func:`boundary_weight` of ``mask``) may be passed in when several maps share one mask."""
+    weight = boundary_weight(mask) if weight is None else weight
     wbce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
     wbce = (weight * wbce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
     prob = torch.sigmoid(logits)
@@ -78,6 +90,9 @@ class SegLoss:
         if len(weights) != len(outputs):
             raise ValueError(f"{len(weights)} deep-supervision weights for {len(outputs)} output maps")
         criterion = MAP_LOSSES[self.name]
+        if criterion is structure:  # every map shares the mask: its boundary weights are computed once
+            pixel_weight = boundary_weight(mask)
+            criterion = lambda out, m: structure(out, m, pixel_weight)  # noqa: E731
         return sum(w * criterion(out, mask) for w, out in zip(weights, outputs, strict=True))
 
 

@@ -1,16 +1,26 @@
 """Stage 3, split: seeded, leakage-safe train/val/test splits and k-fold assignments -> ``splits.json``.
 
-Images are grouped before splitting: frames of one video sequence (from ``ingest.datasets.*.sequences``)
-and exact duplicate images (same sha256, in any dataset) always land on the same side. Schemes:
-``70_15_15`` and ``80_10_10`` (train/val/test per dataset), ``pranet`` (PraNet's 900 Kvasir-SEG +
-550 CVC-ClinicDB training images, the rest test; ``val_fraction_of_train`` of the training groups
-held out for model selection). ``split.unseen`` datasets are test-only. Folds (GroupKFold) cover
-train + val, so cross-validation never sees a test image.
+Schemes:
+
+- ``pranet``: the PraNet protocol exactly, as the papers report on it: the test images are the ids listed in
+  ``split.pranet_test_lists`` (the authors' 100 Kvasir-SEG + 62 CVC-ClinicDB), every other image of those
+  datasets is train (900 + 550 = 1450). The protocol is not leakage-safe (ClinicDB test frames have sequence
+  mates in train); ``leakage_safe: false`` in splits.json says so and the report shows it.
+- ``pranet_grouped``: the protocol's sizes (``split.pranet_train``) with whole video sequences and exact
+  duplicates on one side: a leakage-safe variant that no paper reports.
+- ``70_15_15`` and ``80_10_10``: train/val/test per dataset, sequences and duplicates kept whole.
+
+In every scheme, validation for epoch selection is ``val_fraction_of_train`` of the training groups (whole
+sequences), held out of the training images; the papers select on test. Images are grouped before splitting:
+frames of one video sequence (``ingest.datasets.*.sequences``) and exact duplicates (same sha256, in any
+dataset) share a group. ``split.unseen`` datasets are test-only. Folds (GroupKFold) cover train + val, so
+cross-validation never sees a test image.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,10 +67,39 @@ def take_groups(groups: pd.Series, target: int, rng: np.random.Generator) -> set
     return chosen
 
 
-def split_dataset(df: pd.DataFrame, cfg: Split, rng: np.random.Generator) -> pd.Series:
+def read_test_lists(cfg: Split) -> dict[str, list[str]]:
+    """The ids of ``split.pranet_test_lists`` (one per line; blank lines and ``#`` comments skipped)."""
+    missing = [d for d in cfg.datasets if d not in cfg.pranet_test_lists]
+    if missing:
+        raise ValueError(f"split.scheme pranet needs split.pranet_test_lists for datasets {missing}")
+    lists = {}
+    for dataset in cfg.datasets:
+        path = Path(cfg.pranet_test_lists[dataset])
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the test list of dataset {dataset!r}: {exc}") from exc
+        ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: lists an id twice: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+        lists[dataset] = ids
+    return lists
+
+
+def split_dataset(df: pd.DataFrame, cfg: Split, rng: np.random.Generator, test_ids: list[str] | None = None) -> pd.Series:
     """'train' | 'val' | 'test' per row of one dataset."""
     n = len(df)
     if cfg.scheme == "pranet":
+        is_test = df["id"].astype(str).isin(test_ids)
+        absent = sorted(set(test_ids) - set(df["id"].astype(str)))
+        if absent:
+            where = cfg.pranet_test_lists.get(df["dataset"].iloc[0], "the test list")
+            raise ValueError(f"{where}: {len(absent)} listed test ids are not images of dataset "
+                             f"{df['dataset'].iloc[0]!r}: {absent[:5]}")
+        val = take_groups(df.loc[~is_test, "leak_group"], round(cfg.val_fraction_of_train * (~is_test).sum()), rng)
+        in_val = df["leak_group"].isin(val) & ~is_test
+        return pd.Series(np.where(is_test, "test", np.where(in_val, "val", "train")), index=df.index)
+    if cfg.scheme == "pranet_grouped":
         key = df["dataset"].iloc[0]
         if key not in cfg.pranet_train:
             raise ValueError(f"split.pranet_train has no training size for dataset {key!r}")
@@ -76,20 +115,31 @@ def split_dataset(df: pd.DataFrame, cfg: Split, rng: np.random.Generator) -> pd.
     return pd.Series(np.where(df["leak_group"].isin(train), "train", np.where(df["leak_group"].isin(val), "val", "test")), index=df.index)
 
 
-def make_splits(facts: pd.DataFrame, cfg: Split, seed: int) -> dict:
-    """The splits document: sets of ``dataset/id`` keys, per-dataset test sets, fold assignments."""
+def make_splits(facts: pd.DataFrame, cfg: Split, seed: int, test_lists: dict[str, list[str]] | None = None) -> dict:
+    """The splits document: sets of ``dataset/id`` keys, per-dataset test sets, fold assignments.
+
+    ``test_lists`` (scheme ``pranet``): each dataset's listed test ids, as :func:`read_test_lists` reads them."""
     df = facts[facts["dataset"].isin([*cfg.datasets, *cfg.unseen])].copy()
     df["key"] = image_keys(df)
     df["leak_group"] = leakage_groups(df)
     rng = np.random.default_rng(seed)
     df["set"] = ""
-    df.loc[df["leak_group"].isin(df.loc[df["dataset"].isin(cfg.unseen), "leak_group"]), "set"] = "test"
-    for key in cfg.datasets:  # a group shared with an unseen or earlier dataset (a copy) is already placed
-        part = df[(df["dataset"] == key) & (df["set"] == "")]
-        if len(part):
-            placed = dict(zip(part["leak_group"], split_dataset(part, cfg, rng)))
-            df.loc[df["leak_group"].isin(placed), "set"] = df["leak_group"].map(placed)
-    check_no_leakage(df)
+    df.loc[df["dataset"].isin(cfg.unseen), "set"] = "test"
+    exact = cfg.scheme == "pranet"
+    if exact:  # the protocol's own lists decide; sequence mates and copies may straddle sets, as in the papers
+        if test_lists is None:
+            raise ValueError("split.scheme pranet needs the protocol's test lists (split.pranet_test_lists)")
+        for key in cfg.datasets:
+            part = df[df["dataset"] == key]
+            df.loc[part.index, "set"] = split_dataset(part, cfg, rng, test_lists[key])
+    else:
+        df.loc[df["leak_group"].isin(df.loc[df["dataset"].isin(cfg.unseen), "leak_group"]), "set"] = "test"
+        for key in cfg.datasets:  # a group shared with an unseen or earlier dataset (a copy) is already placed
+            part = df[(df["dataset"] == key) & (df["set"] == "")]
+            if len(part):
+                placed = dict(zip(part["leak_group"], split_dataset(part, cfg, rng)))
+                df.loc[df["leak_group"].isin(placed), "set"] = df["leak_group"].map(placed)
+        check_no_leakage(df)
     pool = df[df["set"].isin(["train", "val"])].sort_values("key")
     folds = GroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
     assignment = {}
@@ -97,7 +147,7 @@ def make_splits(facts: pd.DataFrame, cfg: Split, seed: int) -> dict:
         assignment.update({k: fold for k in pool["key"].iloc[held_out]})
     test = df[df["set"] == "test"]
     return {
-        "scheme": cfg.scheme, "seed": seed,
+        "scheme": cfg.scheme, "seed": seed, "leakage_safe": not exact,
         "train": sorted(df.loc[df["set"] == "train", "key"]),
         "val": sorted(df.loc[df["set"] == "val", "key"]),
         "test": {d: sorted(test.loc[test["dataset"] == d, "key"]) for d in [*cfg.datasets, *cfg.unseen]},
@@ -128,7 +178,8 @@ def log_to_mlflow(params: Params, splits: dict) -> None:
 def run(params: Params) -> dict:
     """Read the validated facts and write ``paths.splits``."""
     facts = pd.read_csv(params.paths.facts, keep_default_na=False, dtype={"id": str})
-    splits = make_splits(facts, params.split, params.seed)
+    lists = read_test_lists(params.split) if params.split.scheme == "pranet" else None
+    splits = make_splits(facts, params.split, params.seed, lists)
     write_json(params.paths.splits, splits)
     log_to_mlflow(params, splits)
     log.info("%s: train %d, val %d, test %s", params.split.scheme, len(splits["train"]), len(splits["val"]),

@@ -126,3 +126,21 @@ def test_cris_interleaved_uses_mse_on_even_epochs_and_bce_on_odd():
         else:
             assert cris_active_loss(epoch) == "L2"
             assert value.item() == pytest.approx(bce) and backbone.grad is None and refined.grad is not None
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 48), (352, 352)])
+def test_boundary_weight_is_the_square_box_mean(size):
+    """The separable box filter equals PraNet's k x k avg_pool2d (zero padding counted) to float precision."""
+    from polypflow.losses import boundary_weight
+
+    mask = (torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0)) > 0.7).float()
+    kernel = max(3, (min(size) * 31 // 352) | 1)
+    square = 1 + 5 * torch.abs(torch.nn.functional.avg_pool2d(mask, kernel, stride=1, padding=kernel // 2) - mask)
+    assert torch.allclose(boundary_weight(mask), square, atol=1e-5)
+
+
+def test_deep_supervised_structure_shares_one_weight_map():
+    mask = square_mask()
+    maps = tuple(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    expected = sum(structure(m, mask) for m in maps)
+    assert build_loss("structure")(maps, mask).item() == pytest.approx(expected.item(), rel=1e-6)

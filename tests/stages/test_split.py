@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import synthetic_params, write_params
+from conftest import REPO, synthetic_params, write_params
 
 from polypflow.config import Split, load_params
 from stages import ingest, split, validate
@@ -19,7 +19,7 @@ SEQUENCE_LENGTHS = [3, 12, 5, 8, 10, 4, 12, 6, 9, 7, 11, 5, 8, 10, 6, 4]
 SIZES = {"kvasir": 200, "clinicdb": 120, "colondb": 40}
 TOLERANCE = max(SEQUENCE_LENGTHS)  # whole groups are taken, so a set may overshoot by up to one group
 WITHIN_COPIES = [("kvasir/7", "kvasir/150"), ("clinicdb/2", "clinicdb/70")]  # same image, different groups
-SCHEMES = ["70_15_15", "80_10_10", "pranet"]
+SCHEMES = ["70_15_15", "80_10_10", "pranet_grouped"]  # the leakage-safe schemes; pranet (exact lists) below
 
 
 def facts_frame(copies: list[tuple[str, str]] = WITHIN_COPIES) -> pd.DataFrame:
@@ -70,7 +70,7 @@ def test_sets_partition_every_image_at_the_scheme_sizes(scheme):
         n = SIZES[dataset]
         sets = pd.Series({k: v for k, v in place.items() if k.startswith(f"{dataset}/")})
         count = {s: int((sets == s).sum()) for s in ("train", "val")}
-        if scheme == "pranet":
+        if scheme == "pranet_grouped":
             trainval = count["train"] + count["val"]
             assert 0 <= trainval - config().pranet_train[dataset] < TOLERANCE
             assert 0 <= count["val"] - round(0.1 * trainval) < TOLERANCE
@@ -136,8 +136,8 @@ def test_same_seed_same_splits_other_seed_different(scheme):
     assert other["folds"]["assignment"] != first["folds"]["assignment"]
 
 
-def test_pranet_without_a_training_size_names_the_dataset():
-    cfg = Split(scheme="pranet", datasets=["kvasir", "clinicdb"], folds=3, pranet_train={"kvasir": 150})
+def test_pranet_grouped_without_a_training_size_names_the_dataset():
+    cfg = Split(scheme="pranet_grouped", datasets=["kvasir", "clinicdb"], folds=3, pranet_train={"kvasir": 150})
     with pytest.raises(ValueError, match="clinicdb"):
         make_splits(facts_frame(), cfg, seed=0)
 
@@ -173,3 +173,99 @@ def test_run_writes_splits_json_from_validated_facts(tmp_path, synthetic_root, m
     for seq in range(4):
         assert len({place[k] for k, s in beta_seq.items() if s == seq}) == 1
     assert set(splits["folds"]["assignment"].values()) == {0, 1}
+
+
+# --- scheme pranet: the protocol's exact test lists ---------------------------------------------------------
+
+SHARED = REPO.parent / "shared" / "data"
+PRANET_LISTS = {"kvasir": SHARED / "splits/pranet/kvasir_test.txt", "clinicdb": SHARED / "splits/pranet/clinicdb_test.txt"}
+
+
+def exact_config(lists: dict[str, Path]) -> Split:
+    return Split(scheme="pranet", datasets=["kvasir", "clinicdb"], unseen=["colondb"], folds=3,
+                 pranet_test_lists=lists)
+
+
+def write_lists(tmp_path: Path, kvasir: list[str], clinicdb: list[str]) -> dict[str, Path]:
+    lists = {"kvasir": tmp_path / "kvasir_test.txt", "clinicdb": tmp_path / "clinicdb_test.txt"}
+    lists["kvasir"].write_text("# a comment\n" + "\n".join(kvasir) + "\n\n")
+    lists["clinicdb"].write_text("\n".join(clinicdb) + "\n")
+    return lists
+
+
+def test_pranet_takes_exactly_the_listed_test_images_and_trains_on_the_rest(tmp_path):
+    facts = facts_frame()
+    cfg = exact_config(write_lists(tmp_path, ["3", "150", "77"], ["1", "2", "40"]))  # clinicdb 1, 2: one sequence
+    for seed in range(3):
+        splits = make_splits(facts, cfg, seed, split.read_test_lists(cfg))
+        assert splits["test"]["kvasir"] == sorted(["kvasir/3", "kvasir/150", "kvasir/77"])
+        assert splits["test"]["clinicdb"] == ["clinicdb/1", "clinicdb/2", "clinicdb/40"]
+        assert len(splits["test"]["colondb"]) == SIZES["colondb"]
+        assert len(splits["train"]) + len(splits["val"]) == SIZES["kvasir"] + SIZES["clinicdb"] - 6
+        assert splits["leakage_safe"] is False
+        place = placement(splits)
+        assert place["clinicdb/3"] != "test"  # sequence mate of test frames 1, 2: the protocol leaves it in training
+        # validation is held out of training by whole sequences, never from test
+        trainval = facts[~(facts["dataset"] + "/" + facts["id"]).isin([k for v in splits["test"].values() for k in v])]
+        assert_together(trainval, {k: v for k, v in place.items() if v != "test"}, "group")
+        for dataset in ("kvasir", "clinicdb"):
+            n_val = sum(k.startswith(f"{dataset}/") for k in splits["val"])
+            n_trainval = SIZES[dataset] - 3
+            assert 0 <= n_val - round(0.1 * n_trainval) < TOLERANCE
+
+
+def test_pranet_list_errors_name_the_file(tmp_path):
+    facts = facts_frame()
+    cfg = exact_config(write_lists(tmp_path, ["3", "9999"], ["1"]))
+    with pytest.raises(ValueError, match=r"kvasir_test\.txt.*1 listed test ids.*9999"):
+        make_splits(facts, cfg, 0, split.read_test_lists(cfg))
+    (tmp_path / "kvasir_test.txt").write_text("3\n3\n")
+    with pytest.raises(ValueError, match=r"kvasir_test\.txt: lists an id twice.*'3'"):
+        split.read_test_lists(cfg)
+    gone = exact_config({"kvasir": tmp_path / "nope.txt", "clinicdb": tmp_path / "clinicdb_test.txt"})
+    with pytest.raises(ValueError, match=r"nope\.txt: cannot read the test list of dataset 'kvasir'"):
+        split.read_test_lists(gone)
+    with pytest.raises(ValueError, match=r"pranet_test_lists for datasets \['clinicdb'\]"):
+        split.read_test_lists(exact_config({"kvasir": tmp_path / "kvasir_test.txt"}))
+
+
+def real_facts() -> pd.DataFrame:
+    """The columns split reads, for the real datasets in ../shared/data (ids are file stems; groups from the
+    sequence ranges in params.yaml)."""
+    params = load_params(REPO / "params.yaml")
+    rows = []
+    for key in ("kvasir", "clinicdb", "colondb"):
+        spec = params.ingest.datasets[key]
+        root = SHARED / spec.source.path.name
+        for image in sorted((root / spec.images).iterdir()):
+            seq = next((i for i, (a, b) in enumerate(spec.sequences) if image.stem.isdigit() and a <= int(image.stem) <= b), None)
+            rows.append((key, image.stem, f"{key}/seq{seq}" if seq is not None else f"{key}/{image.stem}"))
+    df = pd.DataFrame(rows, columns=["dataset", "id", "group"])
+    df["image_sha256"] = df["dataset"] + "/" + df["id"]
+    return df
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the real datasets (../shared/data) are not on this machine")
+def test_pranet_on_the_real_lists_gives_the_papers_162_test_and_1450_training_images():
+    params = load_params(REPO / "params.yaml")
+    assert params.split.scheme == "pranet"  # the default profile reports on the papers' protocol
+    cfg = params.split.model_copy(update={"pranet_test_lists": PRANET_LISTS})
+    splits = make_splits(real_facts(), cfg, params.seed, split.read_test_lists(cfg))
+    kvasir = PRANET_LISTS["kvasir"].read_text().split()
+    clinicdb = PRANET_LISTS["clinicdb"].read_text().split()
+    assert (len(kvasir), len(clinicdb)) == (100, 62)
+    assert splits["test"]["kvasir"] == sorted(f"kvasir/{i}" for i in kvasir)
+    assert splits["test"]["clinicdb"] == sorted(f"clinicdb/{i}" for i in clinicdb)
+    assert len(splits["train"]) + len(splits["val"]) == 1450
+    assert sum(k.startswith("kvasir/") for k in splits["train"] + splits["val"]) == 900
+    assert len(splits["test"]["colondb"]) == 380
+
+
+@pytest.mark.parametrize("written, scheme", [("70_15_15", "70_15_15"), ("'80_10_10'", "80_10_10"),
+                                             ("pranet_grouped", "pranet_grouped")])
+def test_split_scheme_as_a_user_writes_it_in_yaml(tmp_path, written, scheme):
+    """Unquoted 70_15_15 is the integer 701515 to YAML (and to `dvc exp run -S split.scheme=70_15_15`)."""
+    import yaml
+
+    value = yaml.safe_load(f"scheme: {written}")["scheme"]
+    assert Split(scheme=value, datasets=["a"], folds=2).scheme == scheme
