@@ -555,7 +555,7 @@ def paper_data(params: Any | None, items: int | None, seed: int) -> tuple[ImageS
     """Train/val subsets of the PraNet split at 352 px from the project's cache, else synthetic arrays."""
     rng = np.random.default_rng(seed)
     try:
-        from polypflow.pipeline import read_facts, read_splits
+        from polypflow.layout import read_facts, read_splits
 
         if params is None:
             raise FileNotFoundError("no usable params.yaml")

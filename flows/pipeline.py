@@ -19,6 +19,8 @@ from prefect import flow, get_run_logger, task
 
 from flows.fanout import fit_jobs, run_fan_out
 from polypflow.config import load_params
+from polypflow.layout import method_layout
+from stages._cli import PERMANENT
 
 
 def dvc_command() -> list[str]:
@@ -26,15 +28,34 @@ def dvc_command() -> list[str]:
     return [sys.executable, "-m", "dvc"]
 
 
-@task(name="dvc-repro", retries=2, retry_delay_seconds=10, task_run_name="dvc repro {targets}")
+class PermanentFailure(RuntimeError):
+    """A stage refused a setting or an input (its last line says so): the same run would fail the same way."""
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry what may pass next time (a lost connection, a killed worker), never a
+    :class:`PermanentFailure`."""
+    try:
+        state.result()
+    except PermanentFailure:
+        return False
+    except Exception:  # noqa: BLE001  anything else may be transient
+        return True
+    return True
+
+
+@task(name="dvc-repro", retries=2, retry_delay_seconds=10, retry_condition_fn=transient,
+      task_run_name="dvc repro {targets}")
 def dvc_repro(project_dir: str, targets: list[str]) -> str:
-    """Run ``dvc repro <targets>`` in ``project_dir``; raise (and so retry) when it fails."""
+    """Run ``dvc repro <targets>`` in ``project_dir``; raise when it fails: :class:`PermanentFailure` (not
+    retried) when a stage refused a setting or input, ``RuntimeError`` (retried) otherwise."""
     logger = get_run_logger()
     proc = subprocess.run([*dvc_command(), "repro", *targets], cwd=project_dir, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     tail = "\n".join(proc.stdout.splitlines()[-40:])
     if proc.returncode != 0:
-        raise RuntimeError(f"dvc repro {' '.join(targets)} failed with exit code {proc.returncode}:\n{tail}")
+        error = PermanentFailure if PERMANENT in proc.stdout else RuntimeError
+        raise error(f"dvc repro {' '.join(targets)} failed with exit code {proc.returncode}:\n{tail}")
     logger.info("dvc repro %s:\n%s", " ".join(targets), tail)
     return proc.stdout
 
@@ -53,24 +74,26 @@ def dvc_stale(project_dir: str, targets: list[str]) -> list[str]:
 def collect_results(project_dir: str, params_file: str, methods: list[str]) -> dict:
     """Read the metrics the stages wrote (evaluation summaries, registry entries, CV summary)."""
     params = load_params(Path(project_dir) / params_file)
-    root = Path(project_dir) / params.paths.artifacts
+    params = params.model_copy(update={"paths": params.paths.model_copy(
+        update={"artifacts": Path(project_dir) / params.paths.artifacts})})
 
     def read(path: Path) -> dict:
         return json.loads(path.read_text()) if path.exists() else {}
 
+    files = {m: method_layout(params, m) for m in [*methods, *params.external, params.crossval.method]}
     return {
-        "methods": {m: {"test": read(root / "eval" / m / "summary.json"),
-                        "registry": read(root / "models" / m / "run.json"),
-                        "profile": read(root / "profile" / m / "profile.json")} for m in methods},
-        "crossval": read(root / "crossval" / params.crossval.method / "summary.json"),
+        "methods": {m: {"test": read(files[m].eval_summary), "registry": read(files[m].registered),
+                        "profile": read(files[m].profile)} for m in methods},
+        "external": {e: {"test": read(files[e].eval_summary)} for e in params.external},
+        "crossval": read(files[params.crossval.method].crossval_summary),
     }
 
 
 @flow(name="polypflow-pipeline", log_prints=True)
 def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml", methods: list[str] | None = None,
                        crossval: bool = True) -> dict:
-    """Reproduce the pipeline: data stages, the fan-out of fits, per method train/evaluate/export/profile, then
-    CV and (for every method) the report."""
+    """Reproduce the pipeline: data stages, the fan-out of fits, per method train/evaluate/export/profile/register,
+    then CV and (for every method) the published maps' evaluation and the report."""
     project_dir = str(Path(project_dir).resolve())
     params = load_params(Path(project_dir) / params_file)
     methods = methods or list(params.train.methods)
@@ -85,8 +108,8 @@ def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
         jobs = fit_jobs(params, [m for m in methods if f"train@{m}" in stale], "crossval" in stale)
         if jobs:
             fits = run_fan_out(project_dir, params_file, params, jobs)
-    for method in methods:
-        repro(project_dir, [f"evaluate@{method}", f"profile@{method}"])
+    for method in methods:  # register@ is last of a method's chain: evaluate, export and profile run before it
+        repro(project_dir, [f"register@{method}"])
     if crossval:  # the report compares every method and shows the CV: only for a whole run
         repro(project_dir, ["crossval", *(["report"] if set(methods) == set(params.train.methods) else [])])
     return {**collect_results(project_dir, params_file, methods), "fanout": fits}

@@ -6,6 +6,6 @@ from models import pranet  # noqa: F401
 from models import hrnet_lowrank, unet_r34_gradcam  # noqa: F401
 from models import fcn, if_nets, resunetpp  # noqa: F401
 from models import cris, segnet, unetpp  # noqa: F401
-from models.registry import build_model, list_methods, method_entry, register_method
+from models.registry import build_model, check_kwargs, list_methods, method_entry, register_method
 
-__all__ = ["build_model", "list_methods", "method_entry", "register_method"]
+__all__ = ["build_model", "check_kwargs", "list_methods", "method_entry", "register_method"]

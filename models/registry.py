@@ -7,6 +7,7 @@ module and one exporter serve every method through this contract.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,16 @@ def method_entry(name: str) -> MethodEntry:
         return _METHODS[name]
     except KeyError:
         raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}") from None
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` naming ``where`` when ``kwargs`` are not arguments of builder ``name`` (a typo caught
+    before anything is built or trained, instead of a ``TypeError`` deep inside a stage)."""
+    signature = inspect.signature(method_entry(name).builder)
+    unknown = sorted(set(kwargs) - set(signature.parameters))
+    if unknown:
+        raise ValueError(f"{where or name}: unknown argument(s) {unknown} of builder {name!r}; "
+                         f"it takes {list(signature.parameters)}")
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -48,8 +48,18 @@ class Tracking(Strict):
 
 
 class LocalSource(Strict):
+    """A folder or archive under ``ingest.root`` (relative to it, so DVC tracks its content)."""
+
     kind: Literal["local"]
     path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _under_root(cls, path: Path) -> Path:
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"{path}: a local source is a path relative to ingest.root (the folder DVC tracks for "
+                             "ingest), inside it; move ingest.root instead")
+        return path
 
 
 class UrlSource(Strict):
@@ -69,6 +79,7 @@ class DatasetSpec(Strict):
 
 
 class Ingest(Strict):
+    root: Path = Path(".")   # local sources lie under it: a DVC dependency of ingest, so any change re-runs it
     datasets: dict[str, DatasetSpec]
     image_extensions: list[str] = [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"]
 
@@ -89,14 +100,14 @@ SPLIT_SCHEMES = ("pranet", "pranet_grouped", "70_15_15", "80_10_10")
 
 
 class Split(Strict):
-    """``pranet``: the PraNet protocol's exact test lists (``pranet_test_lists``); ``pranet_grouped``: its sizes
+    """``pranet``: the PraNet protocol's exact test lists (``test_lists``); ``pranet_grouped``: its sizes
     (``pranet_train``) with whole video sequences per set; ``70_15_15`` / ``80_10_10``: seeded, sequence-safe."""
 
     scheme: Literal["pranet", "pranet_grouped", "70_15_15", "80_10_10"]
     datasets: list[str]
     unseen: list[str] = []
     pranet_train: dict[str, int] = {}
-    pranet_test_lists: dict[str, Path] = {}   # dataset -> text file of its test ids, one per line
+    test_lists: Path | None = None   # scheme pranet: <test_lists>/<dataset>_test.txt, the test ids one per line
     val_fraction_of_train: float = Field(0.1, gt=0, lt=1)
     folds: int = Field(ge=2)
     max_items_per_dataset: int | None = None
@@ -174,6 +185,20 @@ class Evaluate(Strict):
     cases: int = Field(3, ge=0)  # best and worst images per test set drawn as overlays
 
 
+class ExternalMethod(Strict):
+    """Another method's own prediction maps, scored by ``evaluate`` exactly like our models' (``evaluate@<name>``).
+
+    The maps lie as the community's evaluation toolbox reads them: ``<root>/<folder>/<image id>.png``, one grey
+    8-bit probability map per test image (any resolution; resized to the mask's). A test image without a map is
+    left out of that method's figures (and counted as missing)."""
+
+    title: str                                  # e.g. "PraNet (published maps)"
+    arch: str | None = None                     # the registry architecture whose paper figures it sits beside
+    root: Path
+    folders: dict[str, str]                     # dataset key -> folder under root
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
 class Report(Strict):
     """The comparison report: bootstrap settings, leakage check, the papers' figures."""
 
@@ -222,6 +247,7 @@ class Fanout(Strict):
 
 
 class Params(Strict):
+    profile_name: str = "default"       # which profiles/<name>.yaml overlay the workspace holds (polypflow.profiles)
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     paths: Paths
@@ -231,6 +257,7 @@ class Params(Strict):
     split: Split
     train: Train
     methods: dict[str, MethodSpec]
+    external: dict[str, ExternalMethod] = {}
     crossval: Crossval
     lr_search: LrSearch = LrSearch()
     evaluate: Evaluate
@@ -246,7 +273,10 @@ class Params(Strict):
         missing = [m for m in named if m not in self.methods]
         if missing:
             raise ValueError(f"train.methods/crossval.method/lr_search.methods name {missing}, absent from methods:")
-        unpaired = sorted({m for pair in self.report.pairs for m in pair} - set(self.methods))
+        clash = sorted(set(self.external) & set(self.methods))
+        if clash:
+            raise ValueError(f"external names {clash} are also keys of methods: (one name, one evaluation folder)")
+        unpaired = sorted({m for pair in self.report.pairs for m in pair} - set(self.methods) - set(self.external))
         if unpaired:
             raise ValueError(f"report.pairs names {unpaired}, absent from methods:")
         unknown = [d for d in [*self.split.datasets, *self.split.unseen] if d not in self.ingest.datasets]
@@ -262,6 +292,13 @@ class Params(Strict):
                                            for err in exc.errors())) from None
         return self
 
+    def method_arch(self, method: str) -> tuple[str, dict[str, Any]]:
+        """Registered architecture name and builder kwargs of configured method ``method``."""
+        if method not in self.methods:
+            raise KeyError(f"unknown method {method!r}; configured methods: {sorted(self.methods)}")
+        spec = self.methods[method]
+        return spec.arch or method, dict(spec.model)
+
     def recipe(self, method: str, extra: dict[str, Any] | None = None) -> Recipe:
         """The training recipe of ``method``: defaults, then the method's overrides, then ``extra``."""
         if method not in self.methods:
@@ -271,21 +308,65 @@ class Params(Strict):
 
 
 class ParamsError(ValueError):
-    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+    """params.yaml (or a settings file beside it) is missing, unreadable or invalid; the message names the file
+    and the key."""
+
+
+# The settings beside params.yaml, split by who edits them (dvc.yaml's `vars` lists the same files): the method
+# catalogue, the datasets' references and facts, and the infrastructure. params.yaml keeps the everyday knobs.
+SETTINGS_FILES: dict[str, tuple[str, ...]] = {
+    "methods.yaml": ("methods", "external"),
+    "datasets.yaml": ("ingest",),
+    "infra.yaml": ("tracking", "schedule", "fanout"),
+}
+
+
+def read_settings(path: Path | str = DEFAULT_PARAMS) -> tuple[dict[str, Any], dict[str, Path]]:
+    """params.yaml ``path`` and the settings files beside it, merged; and which file each top-level key came from.
+    A file may be absent (its keys may then live in params.yaml); a key in two files is an error."""
+    path = Path(path)
+    data: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for file in [path, *(path.parent / name for name in SETTINGS_FILES)]:
+        if file != path and not file.exists():
+            continue
+        try:
+            part = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ParamsError(f"{file}: cannot read parameters: {exc}") from exc
+        if not isinstance(part, dict):
+            raise ParamsError(f"{file}: expected a mapping of settings, found {type(part).__name__}")
+        for key, value in part.items():
+            if key in origin:
+                raise ParamsError(f"{file}: key {key!r} is also set in {origin[key]}; set it in one file")
+            data[key], origin[key] = value, file
+    return data, origin
+
+
+def split_settings(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One merged settings dict as the files that hold it: ``{"params.yaml": ..., "methods.yaml": ..., ...}``."""
+    home = {key: name for name, keys in SETTINGS_FILES.items() for key in keys}
+    files: dict[str, dict[str, Any]] = {DEFAULT_PARAMS.name: {}, **{name: {} for name in SETTINGS_FILES}}
+    for key, value in data.items():
+        files[home.get(key, DEFAULT_PARAMS.name)][key] = value
+    return files
+
+
+def describe(exc: ValidationError, origin: dict[str, Path] | None = None) -> str:
+    """One line per problem: ``[file: ]dotted.key: message`` (a model-level check's message names its keys)."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        file = (origin or {}).get(str(err["loc"][0])) if err["loc"] else None
+        problems.append(f"{file}: {where}: {err['msg']}" if file else f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(problems)
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
-    """Read and validate ``path``; raise :class:`ParamsError` naming the file and offending keys."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ParamsError(f"{path}: cannot read parameters: {exc}") from exc
+    """Read and validate ``path`` with the settings files beside it; raise :class:`ParamsError` naming the file
+    and offending keys."""
+    data, origin = read_settings(path)
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(  # a model-level check has no location: its message names the keys
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
-            for err in exc.errors()
-        )
-        raise ParamsError(f"{path}: invalid parameters: {problems}") from exc
+        raise ParamsError(f"{path}: invalid parameters: {describe(exc, origin)}") from exc

@@ -16,12 +16,21 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from polypflow.io import atomic_path
-from polypflow.pipeline import by_image_key
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # maps [0, 1] to [-1, 1]
 }
+
+
+def image_keys(facts: pd.DataFrame) -> pd.Series:
+    """Each row's ``dataset/id``: the name splits.json, the image cache and the reports use for an image."""
+    return facts["dataset"] + "/" + facts["id"].astype(str)
+
+
+def by_image_key(facts: pd.DataFrame) -> pd.DataFrame:
+    """``facts`` indexed by :func:`image_keys`."""
+    return facts.set_index(image_keys(facts).rename("key"))
 
 
 def read_image(path: str | Path) -> np.ndarray:

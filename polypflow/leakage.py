@@ -22,9 +22,8 @@ import pandas as pd
 from PIL import Image
 from scipy.fft import dctn
 
-from polypflow.pipeline import by_image_key
+from polypflow.data import by_image_key
 
-HASH_BITS = 64
 COLUMNS = ["test_key", "train_key", "test_side", "train_side", "dhash_distance", "phash_distance"]
 
 

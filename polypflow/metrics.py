@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 BINARY_METRICS = ["dice", "iou", "precision", "recall", "specificity", "fnr", "accuracy"]
-TOOLBOX_METRICS = ["tb_dice", "tb_iou", "sm", "em_mean", "em_adp", "wfm"]
 TOOLBOX_CURVES = ["dice", "iou", "em"]  # 256 values each, index t = threshold t/255 of the 8-bit map
 LEVELS = 256
 # the Dice of a model as it ships: binarised at the threshold stored with it (0.5 unless its recipe searched

@@ -1,11 +1,15 @@
 """The one trainer for every registered method: fit with checkpoints, resume, early stopping.
 
 Each epoch is seeded with ``seed + epoch`` (shuffle, augmentation, dropout), so a run resumed from its
-last checkpoint continues exactly as the uninterrupted run would have.
+last checkpoint continues exactly as the uninterrupted run would have. A configured method is resolved once
+into a :class:`MethodPlan` (architecture, builder kwargs, recipe, images) that train, crossval and
+lr_search all fit through :func:`fit_plan`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -19,9 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from polypflow.config import Recipe
-from polypflow.data import ImageSet, SegDataset, to_tensor
+from polypflow.config import Params, Recipe
+from polypflow.data import ImageSet, SegDataset, load_image_set, to_tensor
 from polypflow.io import atomic_path
+from polypflow.layout import read_facts
 from polypflow.losses import build_loss
 from polypflow.metrics import dice_batch
 
@@ -228,6 +233,16 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
                      state["epoch"] + 1 < recipe.epochs, threshold, state["history"])
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's tensors (names, dtypes, shapes, values): the same weights give the same digest."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_trained(path: Path, model: nn.Module, **meta) -> None:
     """The deliverable: best weights plus what is needed to rebuild and use them."""
     save_checkpoint(path, state_dict={k: v.cpu() for k, v in model.state_dict().items()}, **meta)
@@ -241,3 +256,90 @@ def load_trained(path: Path) -> tuple[nn.Module, dict]:
     model = build_model(meta["arch"], **{**meta["model_kwargs"], "pretrained": "none"})
     model.load_state_dict(meta.pop("state_dict"))
     return model.eval(), meta
+
+
+# ---------------------------------------------------------------- a configured method, resolved once
+
+
+def subsample(keys: list[str], limit: int | None, seed: int) -> list[str]:
+    """A seeded subset of at most ``limit`` keys (all of them when ``limit`` is None)."""
+    if limit is None or len(keys) <= limit:
+        return list(keys)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(keys, size=limit, replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """A configured method resolved once: what to build, how to train it and on which images."""
+
+    method: str
+    arch: str
+    kwargs: dict
+    recipe: Recipe
+    train_keys: list[str]
+    val_keys: list[str]
+    seed: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the settings a checkpoint was trained with (resume only a checkpoint of the same plan)."""
+        parts = (self.arch, self.kwargs, self.recipe.model_dump(), self.train_keys, self.val_keys, self.seed)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_method(params: Params, method: str, train_keys: list[str], val_keys: list[str],
+                recipe: Recipe | None = None, seed_offset: int = 0) -> MethodPlan:
+    """``method`` of params with its recipe (or ``recipe``), its training images subsampled to the recipe's
+    ``max_train_items`` (seeded with ``seed + seed_offset``)."""
+    from models import check_kwargs
+
+    arch, kwargs = params.method_arch(method)
+    check_kwargs(arch, kwargs, f"methods.{method}.model")
+    recipe = recipe or params.recipe(method)
+    return MethodPlan(method, arch, kwargs, recipe, subsample(train_keys, recipe.max_train_items, params.seed + seed_offset),
+                      list(val_keys), params.seed)
+
+
+def build_checked(plan: MethodPlan) -> nn.Module:
+    """The plan's model, built with its loss checked too: a bad setting fails before anything on disk changes."""
+    from models import build_model
+
+    build_loss(plan.recipe.loss, plan.recipe.deep_supervision_weights)
+    seed_everything(plan.seed)
+    return build_model(plan.arch, **plan.kwargs)
+
+
+def set_aside_foreign(checkpoint: Path, fingerprint: str) -> list[Path]:
+    """Move a checkpoint of other settings beside the path (``<name>.other-<its fingerprint>``), never delete it:
+    a typo fixed a minute later must not cost hours of training. Returns every checkpoint so set aside (earlier
+    ones too), to be removed once this run has its first epoch."""
+    if checkpoint.exists():
+        theirs = load_checkpoint(checkpoint).get("fingerprint")
+        if theirs != fingerprint:
+            aside = checkpoint.with_name(f"{checkpoint.name}.other-{theirs or 'unknown'}")
+            checkpoint.replace(aside)
+            log.info("%s belongs to other settings: kept as %s until this run has its first epoch", checkpoint,
+                     aside.name)
+    return sorted(checkpoint.parent.glob(f"{checkpoint.name}.other-*"))
+
+
+def fit_plan(params: Params, plan: MethodPlan, checkpoint: Path, resume: bool,
+             on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> tuple[nn.Module, FitResult]:
+    """Build the plan's model, load its images and fit it to ``checkpoint``: the one core of train, crossval and
+    lr_search."""
+    model = build_checked(plan)
+    aside = set_aside_foreign(checkpoint, plan.fingerprint) if resume else []
+    load = lambda keys: load_image_set(read_facts(params), keys, plan.recipe.image_size,  # noqa: E731
+                                       params.validate_.mask_threshold, params.paths.cache)
+    train, val = load(plan.train_keys), load(plan.val_keys)
+
+    def first_epoch_done(epoch: int, metrics: dict[str, float]) -> None:
+        for path in aside:  # the new run has its first epoch: the other settings' checkpoints may go
+            path.unlink(missing_ok=True)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    result = fit(model, plan.recipe, train, val, resolve_device(params.device), checkpoint, plan.seed,
+                 resume=resume, on_epoch=first_epoch_done, checkpoint_extra={"fingerprint": plan.fingerprint})
+    return model, result

@@ -13,12 +13,11 @@ import logging
 import pandas as pd
 
 from polypflow import tracking
-from polypflow.config import Params, Recipe, load_params
+from polypflow.config import Params, Recipe
 from polypflow.io import atomic_path, write_json
-from polypflow.pipeline import checkpoint_dir, read_splits, stage_dir
-from polypflow.training import FitResult
-from stages._cli import main, parser
-from stages.train import subsample, train_method
+from polypflow.layout import method_layout, read_splits
+from polypflow.training import FitResult, fit_plan, plan_method
+from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,10 @@ def fit_fold(params: Params, fold: int, resume: bool = True, on_epoch=None) -> t
     method, recipe, splits = params.crossval.method, crossval_recipe(params), read_splits(params)
     if not 0 <= fold < splits["folds"]["k"]:
         raise ValueError(f"fold {fold} does not exist: {params.paths.splits} has {splits['folds']['k']} folds")
-    train_keys, held_out = fold_keys(splits, fold)
-    train_keys = subsample(train_keys, recipe.max_train_items, params.seed + fold)
-    ckpt = checkpoint_dir(params, f"crossval-{method}") / f"fold{fold}.pt"
-    _, result = train_method(params, method, train_keys, held_out, recipe, ckpt, resume, on_epoch)
-    return result, len(train_keys), len(held_out)
+    plan = plan_method(params, method, *fold_keys(splits, fold), recipe, seed_offset=fold)
+    ckpt = method_layout(params, method).crossval_checkpoints / f"fold{fold}.pt"
+    _, result = fit_plan(params, plan, ckpt, resume, on_epoch)
+    return result, len(plan.train_keys), len(plan.val_keys)
 
 
 def run(params: Params, resume: bool = True) -> dict:
@@ -73,10 +71,10 @@ def run(params: Params, resume: bool = True) -> dict:
         summary = {"method": method, "k": k, "dice_mean": float(dice.mean()), "dice_std": float(dice.std(ddof=1)),
                    "folds": folds["dice"].round(6).tolist()}
         mlflow.log_metrics({"cv_dice_mean": summary["dice_mean"], "cv_dice_std": summary["dice_std"]})
-    out = stage_dir(params, "crossval", method)
-    with atomic_path(out / "folds.csv", suffix=".csv") as tmp:
+    files = method_layout(params, method)
+    with atomic_path(files.crossval_folds, suffix=".csv") as tmp:
         folds.to_csv(tmp, index=False)
-    write_json(out / "summary.json", summary)
+    write_json(files.crossval_summary, summary)
     log.info("%s %d-fold CV Dice %.4f ± %.4f", method, k, summary["dice_mean"], summary["dice_std"])
     return summary
 
@@ -88,6 +86,6 @@ if __name__ == "__main__":
                                             "flows' fan-out runs; the stage then scores the finished folds")
     args = p.parse_args()
     if args.fold is None:
-        main(lambda: run(load_params(args.params), resume=not args.no_resume))
+        main(lambda: run(project_params(args.params), resume=not args.no_resume))
     else:
-        main(lambda: fit_fold(load_params(args.params), args.fold, resume=not args.no_resume))
+        main(lambda: fit_fold(project_params(args.params), args.fold, resume=not args.no_resume))

@@ -17,19 +17,21 @@ red, truth green; ``cases.csv``) and ``gradcam/`` panels.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from polypflow import tracking
-from polypflow.config import Evaluate, Params
-from polypflow.data import load_image_set, read_image, read_mask
+from polypflow.config import Evaluate, ExternalMethod, Params
+from polypflow.data import by_image_key, load_image_set, read_image, read_mask
 from polypflow.io import atomic_path, write_json, write_png
 from polypflow.metrics import MODEL_DICE, TOOLBOX_CURVES, LEVELS, score_image, summarize
-from polypflow.pipeline import by_image_key, model_dir, read_facts, read_json, read_splits, stage_dir
+from polypflow.layout import MethodLayout, method_layout, read_facts, read_json, read_splits
 from polypflow.predict import draw_overlay
 from polypflow.training import load_trained, predict_probs, resolve_device
 from stages._cli import method_main
@@ -50,25 +52,60 @@ class DatasetScores:
     pr: pd.DataFrame
     sweep: pd.DataFrame
     curves: pd.DataFrame
-    probs: np.ndarray  # at the model's input size, for the case overlays
+    probs: Sequence[np.ndarray]  # as predicted (a model's input size, or a map's own), for the case overlays
 
 
 def rows_of(facts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return by_image_key(facts).loc[keys]
 
 
-def score_dataset(model, meta: dict, params: Params, facts: pd.DataFrame, keys: list[str]) -> DatasetScores:
-    """Per-image metrics, the mean PR curve, threshold sweep and toolbox curves of one test set."""
-    size, threshold = meta["image_size"], params.validate_.mask_threshold
-    data = load_image_set(facts, keys, size, threshold, params.paths.cache)
+ProbabilityMaps = Callable[[str, list[str]], tuple[list[str], Sequence[np.ndarray]]]
+
+
+def model_maps(model, meta: dict, params: Params, facts: pd.DataFrame) -> ProbabilityMaps:
+    """A trained model's probability maps (at its input size) of a test set's images."""
     device = resolve_device(params.device)
-    probs = predict_probs(model, data.images, meta["normalize"], device, params.evaluate.batch_size)
+
+    def maps(dataset: str, keys: list[str]) -> tuple[list[str], np.ndarray]:
+        data = load_image_set(facts, keys, meta["image_size"], params.validate_.mask_threshold, params.paths.cache)
+        return keys, predict_probs(model, data.images, meta["normalize"], device, params.evaluate.batch_size)
+
+    return maps
+
+
+def read_map(path: Path) -> np.ndarray:
+    """A grey 8-bit probability map (the toolbox's PNG) as float32 in [0, 1]; an error names the file."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"{path}: cannot decode prediction map ({exc})") from exc
+
+
+def external_maps(spec: ExternalMethod) -> ProbabilityMaps:
+    """An external method's maps, ``<root>/<folder>/<id>.png``; images without a map are left out."""
+
+    def maps(dataset: str, keys: list[str]) -> tuple[list[str], list[np.ndarray]]:
+        if dataset not in spec.folders:
+            return [], []
+        folder = Path(spec.root) / spec.folders[dataset]
+        paths = {key: folder / f"{key.split('/', 1)[1]}.png" for key in keys}
+        found = [key for key in keys if paths[key].is_file()]
+        return found, [read_map(paths[key]) for key in found]
+
+    return maps
+
+
+def score_dataset(keys: list[str], probs: Sequence[np.ndarray], method_threshold: float, params: Params,
+                  facts: pd.DataFrame) -> DatasetScores:
+    """Per-image metrics, the mean PR curve, threshold sweep and toolbox curves of one test set, each map
+    resized to its mask's original resolution."""
     pr_t, sweep_t = np.linspace(0, 1, params.evaluate.pr_points), sweep_thresholds(params.evaluate)
     rows, prs, sweeps, curves = [], [], [], {name: [] for name in TOOLBOX_CURVES}
     for key, prob, mask_path in zip(keys, probs, rows_of(facts, keys)["mask_path"], strict=True):
-        gt = read_mask(mask_path, threshold)
-        full = np.clip(cv2.resize(prob, gt.shape[::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
-        scores = score_image(full, gt, params.evaluate.threshold, meta["threshold"], pr_t, sweep_t)
+        gt = read_mask(mask_path, params.validate_.mask_threshold)
+        full = prob if prob.shape == gt.shape else cv2.resize(prob, gt.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        scores = score_image(np.clip(full, 0, 1), gt, params.evaluate.threshold, method_threshold, pr_t, sweep_t)
         rows.append({"key": key, **scores.row})
         prs.append(scores.pr)
         sweeps.append(pd.DataFrame(scores.sweep))
@@ -79,7 +116,7 @@ def score_dataset(model, meta: dict, params: Params, facts: pd.DataFrame, keys: 
     sweep = pd.concat(sweeps).groupby("threshold", as_index=False).mean()
     curve = pd.DataFrame({"level": np.arange(LEVELS), "threshold": np.arange(LEVELS) / (LEVELS - 1),
                           **{name: np.mean(values, axis=0) for name, values in curves.items()}})
-    return DatasetScores(pd.DataFrame(rows), pr, sweep, curve, probs)
+    return DatasetScores(pd.DataFrame(rows), pr, sweep, curve, list(probs))
 
 
 def case_image(image_path: str, mask_path: str, prob: np.ndarray, threshold: float, mask_threshold: int) -> np.ndarray:
@@ -136,67 +173,85 @@ def json_number(value: float | int) -> float | int | None:
     return value
 
 
-def evaluate_all(model, meta: dict, params: Params, splits: dict, facts: pd.DataFrame, out: Path) -> dict:
-    """Score every non-empty test set; write the tables and case overlays; return ``summary``."""
+def evaluate_all(maps: ProbabilityMaps, method_threshold: float, params: Params, splits: dict, facts: pd.DataFrame,
+                 files: MethodLayout) -> dict:
+    """Score every test set ``maps`` covers; write the tables and case overlays; return ``summary``."""
     unseen = set(splits.get("unseen", []))
     tables: dict[str, list[pd.DataFrame]] = {"per_image": [], "pr": [], "sweep": [], "curves": []}
     summary, cases = {}, []
-    for dataset, keys in splits["test"].items():
+    for dataset, listed in splits["test"].items():
+        keys, probs = maps(dataset, listed) if listed else ([], [])
         if not keys:
             continue
         protocol = "unseen" if dataset in unseen else "seen"
-        scores = score_dataset(model, meta, params, facts, keys)
+        scores = score_dataset(keys, probs, method_threshold, params, facts)
         for name in tables:
             tables[name].append(getattr(scores, name).assign(dataset=dataset, protocol=protocol))
         curves = {f"{name}": scores.curves[name].to_numpy() for name in TOOLBOX_CURVES}
-        summary[dataset] = {"protocol": protocol, **{k: json_number(v) for k, v in summarize(scores.per_image, curves).items()}}
-        cases += draw_cases(scores, dataset, facts, params, meta["threshold"], out / "cases")
+        missing = {"n_missing": len(listed) - len(keys)} if len(keys) < len(listed) else {}
+        summary[dataset] = {"protocol": protocol, **missing,
+                            **{k: json_number(v) for k, v in summarize(scores.per_image, curves).items()}}
+        cases += draw_cases(scores, dataset, facts, params, method_threshold, files.cases_dir)
         s = summary[dataset]
         fixed = params.evaluate.threshold
-        log.info("%s (%s): mDice@%.2f %.4f%s meanDic %.4f S %.4f (n=%d)", dataset, protocol, meta["threshold"],
-                 s[MODEL_DICE], "" if meta["threshold"] == fixed else f" (mDice@{fixed:.2f} {s['dice']:.4f})",
-                 s["tb_dice"], s["sm"], len(keys))
+        log.info("%s (%s): mDice@%.2f %.4f%s meanDic %.4f S %.4f (n=%d%s)", dataset, protocol, method_threshold,
+                 s[MODEL_DICE], "" if method_threshold == fixed else f" (mDice@{fixed:.2f} {s['dice']:.4f})",
+                 s["tb_dice"], s["sm"], len(keys), f", {len(listed) - len(keys)} without a map" if missing else "")
+    if not summary:
+        return summary
     for name, parts in tables.items():
-        write_csv(out / f"{name}.csv", pd.concat(parts))
-    write_csv(out / "cases" / "cases.csv", pd.DataFrame(cases, columns=["dataset", "kind", "rank", "key", "dice", "file"]))
+        write_csv(files.eval_table(name), pd.concat(parts))
+    write_csv(files.cases, pd.DataFrame(cases, columns=["dataset", "kind", "rank", "key", "dice", "file"]))
     return summary
 
 
-def log_to_mlflow(params: Params, method: str, train_run: dict, summary: dict, out: Path) -> None:
-    """Metrics on an evaluate run and on the training run; test Dice as model-version tags."""
+def log_to_mlflow(params: Params, name: str, summary: dict, out: Path, splits: dict, parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:
+    """The evaluate run: test metrics, the test sets as dataset inputs, the evaluation folder; returns its id."""
     import mlflow
 
     flat = {f"test.{d}.{k}": v for d, m in summary.items() for k, v in m.items()
             if k not in ("n", "protocol") and isinstance(v, (int, float))}
-    with tracking.stage_run(params, "evaluate", method, parent_run_id=train_run["run_id"]):
+    with tracking.stage_run(params, "evaluate", name, parent_run_id=parent_run_id, tags=tags) as run:
         mlflow.log_metrics(flat)
+        tracking.log_image_sets(params, {f"testing.{d}": splits["test"][d] for d in summary})
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
-    client = mlflow.MlflowClient()
-    for key, value in flat.items():  # also on the training run, so the UI compares methods side by side
-        client.log_metric(train_run["run_id"], key, value)
-    versions = [(method, train_run.get("version"))]
-    if isinstance(train_run.get("global"), dict):
-        versions.append((train_run["global"]["name"], train_run["global"]["version"]))
-    for name, version in versions:
-        if not version:
-            continue
-        for dataset, m in summary.items():
-            client.set_model_version_tag(name, str(version), f"test_dice.{dataset}", f"{m[MODEL_DICE]:.4f}")
-            client.set_model_version_tag(name, str(version), f"test_meandic.{dataset}", f"{m['tb_dice']:.4f}")
+    return run.info.run_id
 
 
 def run(params: Params, method: str) -> dict:
-    """Evaluate ``method``'s trained model on every test set; write tables, overlays and ``summary.json``."""
-    model, meta = load_trained(model_dir(params, method) / "model.pt")
-    train_run = read_json(model_dir(params, method) / "run.json")
+    """Evaluate ``method`` on every test set; write tables, overlays and ``summary.json``. ``method`` is a trained
+    method, or an ``external`` one whose published maps are scored the same way."""
+    if method in params.external:
+        return run_external(params, method)
+    files = method_layout(params, method)
+    train_run = read_json(files.run_record("train"))["run_id"]
+    tracking.require_run(params, train_run, files.run_record("train"))  # before the work, not after it
+    model, meta = load_trained(files.model)
     splits, facts = read_splits(params), read_facts(params)
-    out = stage_dir(params, "eval", method)
-    summary = evaluate_all(model, meta, params, splits, facts, out)
+    summary = evaluate_all(model_maps(model, meta, params, facts), meta["threshold"], params, splits, facts, files)
     first = next(keys for keys in splits["test"].values() if keys)
-    panels = gradcam_panels(model, meta, params, facts, first, out / "gradcam")
-    write_json(out / "summary.json", summary)
-    log_to_mlflow(params, method, train_run, summary, out)
-    log.info("%d Grad-CAM panels in %s", len(panels), out / "gradcam")
+    panels = gradcam_panels(model, meta, params, facts, first, files.gradcam_dir)
+    write_json(files.eval_summary, summary)
+    run_id = log_to_mlflow(params, method, summary, files.eval_dir, splits, train_run)
+    write_json(files.run_record("evaluate"), {"run_id": run_id})
+    log.info("%d Grad-CAM panels in %s", len(panels), files.gradcam_dir)
+    return summary
+
+
+def run_external(params: Params, name: str) -> dict:
+    """Score external method ``name``'s maps like a model's; its own evaluate run in MLflow, no registry."""
+    spec = params.external[name]
+    if not Path(spec.root).is_dir():
+        raise FileNotFoundError(f"{spec.root}: no such folder (external.{name}.root)")
+    splits, facts = read_splits(params), read_facts(params)
+    files = method_layout(params, name)
+    summary = evaluate_all(external_maps(spec), spec.threshold, params, splits, facts, files)
+    if not summary:
+        raise ValueError(f"external.{name}: no map in {spec.root} matches a test image of splits.json")
+    write_json(files.eval_summary, summary)
+    run_id = log_to_mlflow(params, name, summary, files.eval_dir, splits, tags={"polypflow.external": spec.title})
+    write_json(files.run_record("evaluate"), {"run_id": run_id})
     return summary
 
 

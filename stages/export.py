@@ -13,7 +13,7 @@ from polypflow import tracking
 from polypflow.config import Params
 from polypflow.io import write_json
 from polypflow.onnx_export import export_onnx, parity
-from polypflow.pipeline import model_dir, read_json, stage_dir
+from polypflow.layout import method_layout, read_json
 from polypflow.training import load_trained
 from stages._cli import method_main
 
@@ -24,24 +24,22 @@ def run(params: Params, method: str) -> dict:
     """Export ``method``'s trained model to ``artifacts/export/<method>/model.onnx`` and check it."""
     import mlflow
 
-    model, meta = load_trained(model_dir(params, method) / "model.pt")
-    out = stage_dir(params, "export", method)
+    files = method_layout(params, method)
+    train_run = read_json(files.run_record("train"))["run_id"]
+    tracking.require_run(params, train_run, files.run_record("train"))
+    model, meta = load_trained(files.model)
     size, norm = meta["image_size"], {"mean": meta["mean"], "std": meta["std"]}
-    path = export_onnx(model, out / "model.onnx", size, params.export.opset, **norm)
+    path = export_onnx(model, files.onnx, size, params.export.opset, **norm)
     diff = parity(model, path, size, **norm)
     report = {"max_abs_diff": diff, "atol": params.export.atol, "opset": params.export.opset,
               "input": f"N x 3 x {size} x {size}, RGB in [0, 1]", "bytes": path.stat().st_size}
-    write_json(out / "parity.json", report)
+    write_json(files.parity, report)
     if diff > params.export.atol:
         raise RuntimeError(f"{path}: ONNX differs from PyTorch by {diff:.2e} > export.atol {params.export.atol}")
-    train_run = read_json(model_dir(params, method) / "run.json")
-    with tracking.stage_run(params, "export", method, parent_run_id=train_run["run_id"]):
+    with tracking.stage_run(params, "export", method, parent_run_id=train_run) as run:
         mlflow.log_metrics({"onnx_max_abs_diff": diff, "onnx_bytes": report["bytes"]})
         mlflow.log_artifact(str(path), artifact_path="onnx")
-    client = mlflow.MlflowClient()
-    client.log_artifact(train_run["run_id"], str(path), artifact_path="onnx")
-    if train_run.get("version"):
-        client.set_model_version_tag(method, str(train_run["version"]), "onnx", f"runs:/{train_run['run_id']}/onnx/model.onnx")
+    write_json(files.run_record("export"), {"run_id": run.info.run_id})
     log.info("%s: exported %s (%d bytes), max |onnx - torch| = %.2e", method, path, report["bytes"], diff)
     return report
 

@@ -17,10 +17,10 @@ import pandas as pd
 from PIL import Image
 
 from polypflow import tracking
-from polypflow.config import DatasetSpec, Params, load_params
+from polypflow.config import DatasetSpec, Params
 from polypflow.fetch import SourceError, download, extract, is_archive
 from polypflow.io import atomic_path, sha256_file
-from stages._cli import main, parser
+from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,14 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def resolve_source(key: str, spec: DatasetSpec, downloads: Path) -> Path:
-    """The local folder holding dataset ``key``: the source folder, or a downloaded/extracted archive."""
+def resolve_source(key: str, spec: DatasetSpec, downloads: Path, root: Path = Path(".")) -> Path:
+    """The local folder holding dataset ``key``: the source folder (under ``root``), or a downloaded/extracted
+    archive."""
     if spec.source.kind == "url":
         name = Path(spec.source.url.split("?")[0]).name or f"{key}.zip"
         archive = download(spec.source.url, downloads / name, spec.source.sha256)
         return extract(archive, downloads / key) / spec.source.subdir
-    path = spec.source.path
+    path = Path(root) / spec.source.path
     if not path.exists():
         raise SourceError(f"{path}: dataset {key} ({spec.name}) source does not exist")
     if path.is_file():
@@ -125,7 +126,7 @@ def run(params: Params) -> pd.DataFrame:
     """Fetch and normalise every dataset in ``params.ingest.datasets``; write and return the manifest."""
     frames = []
     for key, spec in params.ingest.datasets.items():
-        root = resolve_source(key, spec, params.paths.downloads)
+        root = resolve_source(key, spec, params.paths.downloads, params.ingest.root)
         frames.append(ingest_dataset(key, spec, root, params.paths.raw, params.ingest.image_extensions))
     manifest = pd.concat(frames, ignore_index=True)
     with atomic_path(params.paths.manifest, suffix=".csv") as tmp:
@@ -147,4 +148,4 @@ def log_to_mlflow(params: Params, manifest: pd.DataFrame) -> None:
 
 if __name__ == "__main__":
     args = parser(__doc__).parse_args()
-    main(lambda: run(load_params(args.params)))
+    main(lambda: run(project_params(args.params)))

@@ -8,6 +8,7 @@ seeded) over a log-uniform range, each training with the method's recipe overrid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -16,9 +17,9 @@ from pathlib import Path
 from polypflow import tracking
 from polypflow.config import Params
 from polypflow.io import atomic_path, write_json
-from polypflow.pipeline import read_splits, stage_dir
+from polypflow.layout import method_layout, read_splits
+from polypflow.training import fit_plan, plan_method
 from stages._cli import method_main
-from stages.train import subsample, train_method
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,11 @@ def objective_factory(params: Params, method: str, parent_run_id: str, workdir: 
 
     cfg = params.lr_search
     splits = read_splits(params)
-    base = params.recipe(method, cfg.recipe)
-    train_keys = subsample(splits["train"], base.max_train_items, params.seed)
+    base = plan_method(params, method, splits["train"], splits["val"], params.recipe(method, cfg.recipe))
 
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", cfg.lr_low, cfg.lr_high, log=True)
-        recipe = base.model_copy(update={"lr": lr})
+        plan = dataclasses.replace(base, recipe=base.recipe.model_copy(update={"lr": lr}))
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
@@ -46,8 +46,7 @@ def objective_factory(params: Params, method: str, parent_run_id: str, workdir: 
         with tracking.stage_run(params, "lr_search", method, parent_run_id=parent_run_id,
                                 run_name=f"lr_search-{method}-trial{trial.number}"):
             mlflow.log_param("lr", lr)
-            _, result = train_method(params, method, train_keys, splits["val"], recipe,
-                                     workdir / f"trial{trial.number}.pt", resume=False, on_epoch=report)
+            _, result = fit_plan(params, plan, workdir / f"trial{trial.number}.pt", resume=False, on_epoch=report)
             return result.best_val_dice
 
     return objective
@@ -69,11 +68,11 @@ def run(params: Params, method: str) -> dict:
                 "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)}
         mlflow.log_params({"best_lr": best["lr"], "trials": best["trials"]})
         mlflow.log_metric("best_val_dice", best["val_dice"])
-    out = stage_dir(params, "lr_search", method)
+    files = method_layout(params, method)
     trials = study.trials_dataframe(attrs=("number", "value", "params", "state"))
-    with atomic_path(out / "trials.csv", suffix=".csv") as path:
+    with atomic_path(files.lr_trials, suffix=".csv") as path:
         trials.to_csv(path, index=False)
-    write_json(out / "best.json", best)
+    write_json(files.lr_best, best)
     log.info("%s: best lr %.2e (val Dice %.4f) over %d trials, %d pruned", method, best["lr"], best["val_dice"],
              best["trials"], best["pruned"])
     return best

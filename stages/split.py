@@ -3,7 +3,7 @@
 Schemes:
 
 - ``pranet``: the PraNet protocol exactly, as the papers report on it: the test images are the ids listed in
-  ``split.pranet_test_lists`` (the authors' 100 Kvasir-SEG + 62 CVC-ClinicDB), every other image of those
+  ``<split.test_lists>/<dataset>_test.txt`` (the authors' 100 Kvasir-SEG + 62 CVC-ClinicDB), every other image of those
   datasets is train (900 + 550 = 1450). The protocol is not leakage-safe (ClinicDB test frames have sequence
   mates in train); ``leakage_safe: false`` in splits.json says so and the report shows it.
 - ``pranet_grouped``: the protocol's sizes (``split.pranet_train``) with whole video sequences and exact
@@ -27,10 +27,10 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold
 
 from polypflow import tracking
-from polypflow.config import Params, Split, load_params
+from polypflow.config import Params, Split
 from polypflow.io import write_json
-from polypflow.pipeline import image_keys
-from stages._cli import main, parser
+from polypflow.data import image_keys
+from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,18 @@ def take_groups(groups: pd.Series, target: int, rng: np.random.Generator) -> set
     return chosen
 
 
+def test_list_path(cfg: Split, dataset: str) -> Path:
+    if cfg.test_lists is None:
+        raise ValueError("split.scheme pranet needs split.test_lists (the folder of <dataset>_test.txt lists)")
+    return Path(cfg.test_lists) / f"{dataset}_test.txt"
+
+
 def read_test_lists(cfg: Split) -> dict[str, list[str]]:
-    """The ids of ``split.pranet_test_lists`` (one per line; blank lines and ``#`` comments skipped)."""
-    missing = [d for d in cfg.datasets if d not in cfg.pranet_test_lists]
-    if missing:
-        raise ValueError(f"split.scheme pranet needs split.pranet_test_lists for datasets {missing}")
+    """The ids of ``<split.test_lists>/<dataset>_test.txt`` (one per line; blank lines and ``#`` comments
+    skipped) for every split dataset."""
     lists = {}
     for dataset in cfg.datasets:
-        path = Path(cfg.pranet_test_lists[dataset])
+        path = test_list_path(cfg, dataset)
         try:
             lines = path.read_text().splitlines()
         except OSError as exc:
@@ -93,7 +97,7 @@ def split_dataset(df: pd.DataFrame, cfg: Split, rng: np.random.Generator, test_i
         is_test = df["id"].astype(str).isin(test_ids)
         absent = sorted(set(test_ids) - set(df["id"].astype(str)))
         if absent:
-            where = cfg.pranet_test_lists.get(df["dataset"].iloc[0], "the test list")
+            where = test_list_path(cfg, df["dataset"].iloc[0])
             raise ValueError(f"{where}: {len(absent)} listed test ids are not images of dataset "
                              f"{df['dataset'].iloc[0]!r}: {absent[:5]}")
         val = take_groups(df.loc[~is_test, "leak_group"], round(cfg.val_fraction_of_train * (~is_test).sum()), rng)
@@ -128,7 +132,7 @@ def make_splits(facts: pd.DataFrame, cfg: Split, seed: int, test_lists: dict[str
     exact = cfg.scheme == "pranet"
     if exact:  # the protocol's own lists decide; sequence mates and copies may straddle sets, as in the papers
         if test_lists is None:
-            raise ValueError("split.scheme pranet needs the protocol's test lists (split.pranet_test_lists)")
+            raise ValueError("split.scheme pranet needs the protocol's test lists (split.test_lists)")
         for key in cfg.datasets:
             part = df[df["dataset"] == key]
             df.loc[part.index, "set"] = split_dataset(part, cfg, rng, test_lists[key])
@@ -189,4 +193,4 @@ def run(params: Params) -> dict:
 
 if __name__ == "__main__":
     args = parser(__doc__).parse_args()
-    main(lambda: run(load_params(args.params)))
+    main(lambda: run(project_params(args.params)))

@@ -1,16 +1,14 @@
 """Stage 4, train@<method>: train one configured method on the split's train set, select on val.
 
-Writes ``artifacts/models/<method>/`` (model.pt, metrics.json, history.csv, run.json) and keeps a
-resumable per-epoch checkpoint in ``artifacts/checkpoints/<method>/`` (a persistent DVC output). The
-MLflow run logs params, per-epoch metrics and the model, which is registered under the method's name;
-alias ``champion`` moves to it when its validation Dice beats the current champion's.
+Writes ``artifacts/models/<method>/`` (model.pt, metrics.json, history.csv, val_per_image.csv, run.json) and
+keeps a resumable per-epoch checkpoint in ``artifacts/checkpoints/<method>/`` (a persistent DVC output). Its
+MLflow run logs params, the datasets it trained and validated on, per-epoch metrics and the model; the model is
+registered later, by ``register@<method>``, once it has been evaluated, exported and profiled.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -19,61 +17,26 @@ import pandas as pd
 import torch
 
 import models
-from models import build_model
 from polypflow import onnx_export, tracking
-from polypflow.config import Params, Recipe, load_params
+from polypflow.config import Params
 from polypflow.data import NORMALIZATION, load_image_set
 from polypflow.io import atomic_path, write_json
+from polypflow.layout import method_layout, read_facts, read_splits
 from polypflow.metrics import dice_batch
 from polypflow.onnx_export import ProbabilityHead
-from polypflow.pipeline import checkpoint_dir, method_arch, model_dir, read_facts, read_splits
-from polypflow.training import (FitResult, fit, load_checkpoint, predict_probs, resolve_device, save_trained,
-                                seed_everything)
-from stages._cli import main, parser
+from polypflow.training import (FitResult, MethodPlan, fit_plan, plan_method, predict_probs, resolve_device,
+                                save_trained)
+from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
 
 
-def subsample(keys: list[str], limit: int | None, seed: int) -> list[str]:
-    """A seeded subset of at most ``limit`` keys (all of them when ``limit`` is None)."""
-    if limit is None or len(keys) <= limit:
-        return list(keys)
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(keys, size=limit, replace=False).tolist())
-
-
-def train_keys(params: Params, splits: dict, recipe: Recipe) -> list[str]:
-    """The training images of a method: the split's train set, subsampled to the recipe's limit."""
-    return subsample(splits["train"], recipe.max_train_items, params.seed)
-
-
-def fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def train_method(params: Params, method: str, train_keys: list[str], val_keys: list[str], recipe: Recipe,
-                 checkpoint: Path, resume: bool, on_epoch=None) -> tuple[torch.nn.Module, FitResult]:
-    """Build ``method``, load its data and fit it; the shared core of train and crossval."""
-    arch, kwargs = method_arch(params, method)
-    facts = read_facts(params)
-    load = lambda keys: load_image_set(facts, keys, recipe.image_size, params.validate_.mask_threshold, params.paths.cache)  # noqa: E731
-    train, val = load(train_keys), load(val_keys)
-    tag = fingerprint(arch, kwargs, recipe.model_dump(), train_keys, val_keys, params.seed)
-    if resume and checkpoint.exists() and load_checkpoint(checkpoint).get("fingerprint") != tag:
-        log.info("%s belongs to other settings; starting afresh", checkpoint)
-        checkpoint.unlink()
-    seed_everything(params.seed)
-    model = build_model(arch, **kwargs)
-    result = fit(model, recipe, train, val, resolve_device(params.device), checkpoint, params.seed,
-                 resume=resume, on_epoch=on_epoch, checkpoint_extra={"fingerprint": tag})
-    return model, result
-
-
-def val_per_image(params: Params, model: torch.nn.Module, keys: list[str], recipe: Recipe,
-                  threshold: float) -> pd.Series:
+def val_per_image(params: Params, model: torch.nn.Module, plan: MethodPlan, threshold: float) -> pd.Series:
     """Validation Dice of each image at the model's ``threshold``, indexed by key, for promotion."""
-    data = load_image_set(read_facts(params), keys, recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
-    probs = predict_probs(model, data.images, recipe.normalize, resolve_device(params.device))
+    keys = plan.val_keys
+    data = load_image_set(read_facts(params), keys, plan.recipe.image_size, params.validate_.mask_threshold,
+                          params.paths.cache)
+    probs = predict_probs(model, data.images, plan.recipe.normalize, resolve_device(params.device))
     return pd.Series(dice_batch(probs, data.masks, threshold) if len(keys) else [], index=pd.Index(keys, dtype=str),
                      dtype=float)
 
@@ -97,62 +60,58 @@ def log_model(model: torch.nn.Module, meta: dict):
     )
 
 
+def training_plan(params: Params, method: str) -> MethodPlan:
+    """``method`` on the split's train set (subsampled to the recipe's limit), selected on its val set."""
+    splits = read_splits(params)
+    return plan_method(params, method, splits["train"], splits["val"])
+
+
 def fit_checkpoint(params: Params, method: str, resume: bool = True,
                    on_epoch=None) -> tuple[torch.nn.Module, FitResult]:
     """Fit ``method`` to its checkpoint in ``artifacts/checkpoints/<method>/``, nothing else: the part of the
     stage a flow fans out (``--fit-only``); the stage itself then resumes the finished checkpoint."""
-    recipe = params.recipe(method)
-    splits = read_splits(params)
-    ckpt = checkpoint_dir(params, method) / "checkpoint.pt"
-    return train_method(params, method, train_keys(params, splits, recipe), splits["val"], recipe, ckpt, resume,
-                        on_epoch)
+    return fit_plan(params, training_plan(params, method), method_layout(params, method).checkpoint, resume, on_epoch)
 
 
 def run(params: Params, method: str, resume: bool = True) -> dict:
     """Train ``method``; write its model directory and return its metrics."""
     import mlflow
 
-    recipe = params.recipe(method)
-    splits = read_splits(params)
-    out = model_dir(params, method)
-    arch, kwargs = method_arch(params, method)
+    plan = training_plan(params, method)
+    files = method_layout(params, method)
     with tracking.stage_run(params, "train", method) as run:
-        mlflow.log_params(tracking.flat("", {"method": method, "arch": arch, "model": kwargs,
-                                              "recipe": recipe.model_dump(), "seed": params.seed,
-                                              "split.scheme": splits["scheme"],
-                                              "n_train": len(train_keys(params, splits, recipe)),
-                                              "n_val": len(splits["val"])}))
+        mlflow.log_params(tracking.flat("", {"method": method, "arch": plan.arch, "model": plan.kwargs,
+                                              "recipe": plan.recipe.model_dump(), "seed": params.seed,
+                                              "split.scheme": read_splits(params)["scheme"],
+                                              "n_train": len(plan.train_keys), "n_val": len(plan.val_keys)}))
+        tracking.log_image_sets(params, {"training": plan.train_keys, "validation": plan.val_keys})
         epochs = tracking.EpochLogger()
-        model, result = fit_checkpoint(params, method, resume, epochs)
+        model, result = fit_plan(params, plan, files.checkpoint, resume, epochs)
         epochs.backfill(result.history)
         if hasattr(model, "threshold") and isinstance(model.threshold, torch.Tensor):
             model.threshold.fill_(result.threshold)
-        meta = {"method": method, "arch": arch, "model_kwargs": kwargs, "image_size": recipe.image_size,
-                "normalize": recipe.normalize, "mean": list(NORMALIZATION[recipe.normalize][0]),
-                "std": list(NORMALIZATION[recipe.normalize][1]), "threshold": result.threshold,
-                "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
-        val_scores = val_per_image(params, model, splits["val"], recipe, result.threshold)
+        mean, std = NORMALIZATION[plan.recipe.normalize]
+        meta = {"method": method, "arch": plan.arch, "model_kwargs": plan.kwargs, "image_size": plan.recipe.image_size,
+                "normalize": plan.recipe.normalize, "mean": list(mean), "std": list(std),
+                "threshold": result.threshold, "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
+        val_scores = val_per_image(params, model, plan, result.threshold)
         history = pd.DataFrame(result.history)
-        metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
-                   "epochs_run": result.epochs_run, "threshold": result.threshold}
+        metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   "threshold": result.threshold, "image_size": plan.recipe.image_size}
         mlflow.log_metrics({"best_val_dice": result.best_val_dice, "threshold": result.threshold})
         mlflow.log_text(history.to_csv(index=False), "history.csv")
+        mlflow.log_text(val_scores.rename("dice").rename_axis("key").reset_index().to_csv(index=False),
+                        tracking.VAL_SCORES_ARTIFACT)
         info = log_model(model, meta)
-        registry = {}
-        if params.tracking.register_models:
-            registry = tracking.register(info.model_uri, method, tags={**meta, "model_kwargs": json.dumps(kwargs)},
-                                         score=result.best_val_dice, val_scores=val_scores, run_id=run.info.run_id,
-                                         promotion=params.tracking.promotion, seed=params.seed,
-                                         global_name=params.tracking.global_model)
     # local outputs only once MLflow holds the model: a failed upload leaves the previous outputs consistent
-    save_trained(out / "model.pt", model, **meta)
-    with atomic_path(out / "val_per_image.csv", suffix=".csv") as tmp:
-        val_scores.rename_axis("key").rename("dice").reset_index().to_csv(tmp, index=False)
-    with atomic_path(out / "history.csv", suffix=".csv") as tmp:
+    save_trained(files.model, model, **meta)
+    with atomic_path(files.val_scores, suffix=".csv") as tmp:
+        val_scores.rename("dice").rename_axis("key").reset_index().to_csv(tmp, index=False)
+    with atomic_path(files.history, suffix=".csv") as tmp:
         history.to_csv(tmp, index=False)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri, **registry})
-    log.info("%s: best val Dice %.4f at epoch %d (registry: %s)", method, result.best_val_dice, result.best_epoch, registry)
+    write_json(files.metrics, metrics)
+    write_json(files.run_record("train"), {"run_id": run.info.run_id, "model_uri": info.model_uri})
+    log.info("%s: best val Dice %.4f at epoch %d", method, result.best_val_dice, result.best_epoch)
     return metrics
 
 
@@ -165,4 +124,4 @@ if __name__ == "__main__":
                    help="only train the checkpoint (no MLflow, no outputs): what the flows' fan-out runs")
     args = p.parse_args()
     stage = fit_checkpoint if args.fit_only else run
-    main(lambda: stage(load_params(args.params), args.method, resume=args.resume))
+    main(lambda: stage(project_params(args.params), args.method, resume=args.resume))

@@ -15,14 +15,14 @@ import pandas as pd
 from PIL import Image
 
 from polypflow import tracking
-from polypflow.config import Params, Validate, load_params
+from polypflow.config import Params, Validate
 from polypflow.io import atomic_path, write_json
-from stages._cli import main, parser
+from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(ValueError):
     """The data failed its expectations; the message lists each failed check and offending files."""
 
 
@@ -191,4 +191,4 @@ def run(params: Params) -> pd.DataFrame:
 
 if __name__ == "__main__":
     args = parser(__doc__).parse_args()
-    main(lambda: run(load_params(args.params)))
+    main(lambda: run(project_params(args.params)))

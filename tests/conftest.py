@@ -72,30 +72,43 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 def synthetic_params(data_root: Path) -> dict:
     """The repository's params.yaml, shrunk to the synthetic data and tiny models."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = read_params(REPO)
+    params["ingest"]["root"] = str(data_root)
     params["ingest"]["datasets"] = {
-        "alpha": {"name": "Alpha", "source": {"kind": "local", "path": str(data_root / "alpha")}},
-        "beta": {"name": "Beta", "source": {"kind": "local", "path": str(data_root / "beta")},
+        "alpha": {"name": "Alpha", "source": {"kind": "local", "path": "alpha"}},
+        "beta": {"name": "Beta", "source": {"kind": "local", "path": "beta"},
                  "sequences": [[1, 4], [5, 8], [9, 12], [13, 16]]},
-        "gamma": {"name": "Gamma", "source": {"kind": "local", "path": str(data_root / "gamma")}},
+        "gamma": {"name": "Gamma", "source": {"kind": "local", "path": "gamma"}},
     }
     params["validate"].update(min_side=32, max_duplicate_fraction_within=0.0)
-    params["split"].update(scheme="70_15_15", datasets=["alpha", "beta"], unseen=["gamma"], folds=2)
+    params["split"].update(scheme="70_15_15", datasets=["alpha", "beta"], unseen=["gamma"], folds=2,
+                           test_lists=str(data_root))  # a folder that exists (a DVC dependency of split)
     params["train"]["methods"] = ["unet"]
     params["train"]["defaults"].update(image_size=64, epochs=2, batch_size=4, max_train_items=None, lr=3e-3)
     params["methods"] = {"unet": {"model": {"encoder": "test_efficientnet", "pretrained": "none",
                                             "decoder_channels": [16, 16, 8, 8, 8]}}}
     params["crossval"] = {"method": "unet", "recipe": {"epochs": 1}}
     params["report"]["pairs"] = []  # the repository's pairs name its methods
+    params["external"] = {}  # the repository's external maps are for its own datasets
     params["evaluate"].update(pr_points=5, batch_size=8)
     params["profile"].update(macs_image_size=64, warmup=1, iterations=2)
     return params
 
 
+def read_params(project: Path) -> dict:
+    """A project's settings (params.yaml and the files beside it), merged into one dict."""
+    from polypflow.config import read_settings
+
+    return read_settings(project / "params.yaml")[0]
+
+
 def write_params(project: Path, params: dict) -> Path:
-    path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    """Write one merged settings dict as the project's params.yaml and the settings files beside it."""
+    from polypflow.config import split_settings
+
+    for name, part in split_settings(params).items():
+        (project / name).write_text(yaml.safe_dump(part, sort_keys=False))
+    return project / "params.yaml"
 
 
 def stage_workdir(tmp_path: Path, data_root: Path, monkeypatch) -> Path:

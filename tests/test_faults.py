@@ -16,8 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
-from conftest import synthetic_params, write_params
+from conftest import read_params, synthetic_params, write_params
 from PIL import Image, ImageDraw
 from services import free_port, stop
 
@@ -37,7 +36,7 @@ def dvc(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedP
 
 
 def set_params(project: Path, **train_defaults) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = read_params(project)
     params["train"]["defaults"].update(train_defaults)
     write_params(project, params)
 
@@ -126,7 +125,7 @@ def test_transient_task_failure_is_retried(project, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_tracking_server_down_fails_clearly_and_keeps_outputs(project):
     set_params(project, epochs=1)
-    assert dvc(project, "repro", "train@unet").returncode == 0
+    assert dvc(project, "repro", "register@unet").returncode == 0
     before = {p: p.read_bytes() for p in [*sorted(MODEL.iterdir()), CHECKPOINT]}
     port = free_port()  # nothing listens on it
     env = env_for(project, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",

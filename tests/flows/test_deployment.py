@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import read_params, write_params
 from services import free_port, service, tail, wait_http
 
 from flows.deploy import ENTRYPOINT
@@ -61,9 +61,9 @@ def final_state(env: dict[str, str], flow_run_id, timeout: float = 60.0):
 
 
 def test_deployment_runs_on_a_worker(project, prefect_server, tmp_path):
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = read_params(project)
     params["schedule"].update(retries=0, retry_delay_s=0)  # a failure should show at once, not after retries
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(project, params)
     env = prefect_server
 
     deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--project-dir", str(project)], env=env,

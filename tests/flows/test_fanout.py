@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from distributed import Client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.fanout import GPU, fit_jobs, local_cluster, run_fan_out, task_runner
 from flows.pipeline import polypflow_pipeline
 from polypflow.config import Fanout, load_params
-from tests.conftest import REPO
+from tests.conftest import REPO, read_params, write_params
 
 
 def test_local_cluster_pins_one_worker_per_device_with_one_gpu_slot():
@@ -62,12 +61,12 @@ def prefect_api():
 @pytest.fixture
 def two_gpu_project(project):
     """The test project with a second method, 2 CV folds and a two-device fan-out."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = read_params(project)
     params["methods"]["unet_b"] = {"arch": "unet", "model": params["methods"]["unet"]["model"], "recipe": {"lr": 1e-3}}
     params["train"]["methods"] = ["unet", "unet_b"]
     params["fanout"] = {"enabled": True, "devices": ["0", "1"], "threads_per_worker": 1}
     params["schedule"].update(retries=0, retry_delay_s=0)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(project, params)
     return project
 
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from polypflow.config import Params, ParamsError, Recipe, load_params
+from polypflow.config import SETTINGS_FILES, Params, ParamsError, Recipe, load_params, read_settings
 from tests.conftest import REPO
 
-BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+BASE = read_settings(REPO / "params.yaml")[0]  # params.yaml and the settings files beside it, merged
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -48,18 +48,17 @@ def test_repository_params_load():
         params.seed = 1
 
 
-def test_paper_profile_applied_to_repository_params_loads(tmp_path):
-    """Every recipe override of the paper profile is checked at load time, so it must load cleanly."""
-    from polypflow.profiles import apply
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "profiles").glob("*.yaml")))
+def test_every_profile_over_the_repository_settings_loads(profile):
+    """Every profile (an overlay) gives valid settings, and every method it trains has its builder's arguments."""
+    from models import check_kwargs
+    from polypflow.profiles import deep_merge
 
-    profile = REPO / "profiles" / "paper.yaml"
-    if not profile.exists():
-        pytest.skip("no paper profile in this checkout")
-    target = write(tmp_path, BASE)
-    apply(profile, target)
-    params = load_params(target)
+    overlay = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
+    params = Params.model_validate(deep_merge(BASE, overlay))
     for method in params.train.methods:
         params.recipe(method)
+        check_kwargs(*params.method_arch(method), where=f"{profile}: methods.{method}.model")
 
 
 @pytest.mark.parametrize(("changes", "key_path"), [
@@ -174,3 +173,35 @@ def test_recipe_merge_order_defaults_method_extra(tmp_path):
     assert other.loss == "structure" and other.epochs == defaults.epochs and other.lr == defaults.lr
     assert params.methods["other"].arch == "unet"
     assert params.train.defaults == defaults  # merging does not touch the defaults
+
+
+def test_settings_files_are_the_ones_dvc_reads():
+    """dvc.yaml templates with the same files load_params merges (its `vars`, beside params.yaml)."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert dvc["vars"] == list(SETTINGS_FILES)
+    data, origin = read_settings(REPO / "params.yaml")
+    for name, keys in SETTINGS_FILES.items():
+        assert {k for k, f in origin.items() if f.name == name} == set(keys), name
+
+
+def test_a_key_in_two_settings_files_names_both(tmp_path):
+    write(tmp_path, BASE)  # everything in params.yaml: allowed when no file beside it
+    assert load_params(tmp_path / "params.yaml").seed == BASE["seed"]
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump({"tracking": BASE["tracking"]}))
+    with pytest.raises(ParamsError, match=r"infra\.yaml: key 'tracking' is also set in .*params\.yaml"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_an_error_names_the_settings_file_holding_the_key(tmp_path):
+    from polypflow.config import split_settings
+
+    data = edited(methods__unet__recipe={"lr": -1})
+    for name, part in split_settings(data).items():
+        (tmp_path / name).write_text(yaml.safe_dump(part))
+    with pytest.raises(ParamsError, match=r"methods\.unet\.recipe\.lr"):
+        load_params(tmp_path / "params.yaml")
+    data = edited(schedule__retries="many")
+    for name, part in split_settings(data).items():
+        (tmp_path / name).write_text(yaml.safe_dump(part))
+    with pytest.raises(ParamsError, match=r"infra\.yaml: schedule\.retries"):
+        load_params(tmp_path / "params.yaml")

@@ -114,9 +114,12 @@ def test_registry_promotion_and_predict_from_champion(tmp_path, images, store):
     promotion, registered = Promotion(n_boot=500), []
     for scores_ in (base, base + rng.normal(0, 0.01, 40), base + 0.08):  # first, noise-level, clearly better
         uri, run_id = logged_model(store)
-        registered.append(tracking.register(uri, "red", {"threshold": 0.5, "image_size": SIZE}, float(scores_.mean()),
-                                            val_scores=val(scores_), run_id=run_id, promotion=promotion,
-                                            global_name="polyp-segmenter"))
+        table = val(scores_).rename("dice").rename_axis("key").reset_index()
+        client.log_text(run_id, table.to_csv(index=False), tracking.VAL_SCORES_ARTIFACT)
+        tags = {"threshold": 0.5, "image_size": SIZE, "onnx": f"runs:/{run_id}/onnx/model.onnx"}
+        registered.append(tracking.register(uri, "red", tags, float(scores_.mean()), val(scores_),
+                                            f"runs:/{run_id}/{tracking.VAL_SCORES_ARTIFACT}", run_id,
+                                            promotion=promotion, global_name="polyp-segmenter"))
     assert [r["champion"] for r in registered] == [True, False, True]
     assert [r["global"]["champion"] for r in registered] == [True, False, True]
     assert int(client.get_model_version_by_alias("red", "champion").version) == 3

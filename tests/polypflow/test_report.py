@@ -61,8 +61,8 @@ def crafted_project(tmp_path, synthetic_root) -> Params:
         facts.append({"dataset": key.split("/")[0], "id": key.split("/")[1], "image_path": str(path)})
     params.paths.facts.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(facts).to_csv(params.paths.facts, index=False)
-    params.paths.splits.write_text(json.dumps({"train": [f"beta/{i}" for i in range(1, 7)], "val": ["beta/7", "beta/8"],
-                                               "test": keys, "unseen": ["gamma"]}))
+    params.paths.splits.write_text(json.dumps({"scheme": "pranet", "train": [f"beta/{i}" for i in range(1, 7)],
+                                               "val": ["beta/7", "beta/8"], "test": keys, "unseen": ["gamma"]}))
     rng = np.random.default_rng(0)
     write_eval(tmp_path, "unet", keys, 0.0, rng)
     write_eval(tmp_path, "better", keys, 0.15, np.random.default_rng(0), below_half=0.5)
@@ -116,3 +116,34 @@ def test_every_method_gets_its_own_line_style(tmp_path, synthetic_root):
     many = [dataclasses.replace(method, name=f"m{i}") for i in range(23)]
     styles = line_styles(many)
     assert len({(tuple(s["color"]), s["ls"]) for s in styles.values()}) == 23
+
+
+def with_published_maps(tmp_path, params: Params) -> Params:
+    """An external method (published maps) scored on all of alpha and 6 of gamma's 8 images, better than unet."""
+    from polypflow.config import ExternalMethod
+
+    keys = {"alpha": [f"alpha/{i}" for i in range(1, 13)], "gamma": [f"gamma/{i}" for i in range(1, 7)]}
+    write_eval(tmp_path, "published", keys, 0.1, np.random.default_rng(0))
+    summary_path = tmp_path / "artifacts" / "eval" / "published" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["gamma"]["n_missing"] = 2
+    summary_path.write_text(json.dumps(summary))
+    spec = ExternalMethod(title="PraNet (published maps)", arch="pranet", root=tmp_path, folders={})
+    return params.model_copy(update={"external": {"published": spec}})
+
+
+def test_report_puts_published_maps_beside_our_models_on_one_screen(tmp_path, synthetic_root):
+    params = with_published_maps(tmp_path, crafted_project(tmp_path, synthetic_root))
+    facts = report_stage.run(params)
+    assert facts["external"] == ["published"] and facts["scheme"] == "pranet"
+    page = (params.paths.reports / "report.html").read_text()
+    first = page.index("<h2")
+    assert page[first:].startswith("<h2 id='s0'>Summary</h2>") and "class='summary'" in page[:first + 200]
+    assert "PraNet (published maps)" in page[first:page.index("<h2 id='s1'")]  # in the summary's chart and table
+    markdown = (params.paths.reports / "report.md").read_text()
+    # each of our methods against the published maps, on the images both have (gamma: 6 of 8)
+    assert "| gamma | unet | PraNet (published maps) | 6 |" in markdown
+    assert "| alpha | better | PraNet (published maps) | 12 |" in markdown
+    assert "6 of 8" in markdown  # the results table says the maps cover 6 of gamma's 8 test images
+    # the PraNet paper's Kvasir figure is on the pranet protocol, like ours: compared; CRIS's UNet is not
+    assert "protocol 70_15_15_per_dataset vs ours pranet" in markdown

@@ -77,7 +77,7 @@ def mlflow_server(postgres, tmp_path):
 
 def test_training_logs_and_registers_on_the_shared_server(project, mlflow_server, postgres, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "train@unet"], cwd=project, text=True,
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "register@unet"], cwd=project, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert repro.returncode == 0, repro.stdout[-4000:]
     assert not (project / "mlflow").exists()  # nothing went to the local SQLite default

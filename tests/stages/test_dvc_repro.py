@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` runs all eight stages on synthetic data, registers the model, then is a no-op."""
+"""End to end: `dvc repro` runs every stage on synthetic data, registers the model, then is a no-op."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 STAGES = ["ingest", "validate", "split", "train@unet", "crossval", "evaluate@unet", "export@unet", "profile@unet",
-          "report"]
+          "register@unet", "report"]
 
 
 def dvc(project, *args: str) -> subprocess.CompletedProcess:
@@ -44,12 +44,19 @@ def test_dvc_repro_end_to_end(project):
 
     client = MlflowClient()
     champion = client.get_model_version_by_alias("unet", "champion")
-    run = client.get_run(champion.run_id)
-    assert "test.gamma.dice" in run.data.metrics and "profile.ort_fps" in run.data.metrics
-    assert float(champion.tags["val_dice"]) == pytest.approx(run.data.metrics["best_val_dice"])
-    assert champion.tags["onnx"].endswith("onnx/model.onnx")
-    stages = {r.data.tags.get("polypflow.stage") for r in client.search_runs([run.info.experiment_id])}
-    assert {"ingest", "validate", "split", "train", "crossval", "evaluate", "export", "profile"} <= stages
+    train_run = client.get_run(champion.run_id)  # the version's source: the run that trained and logged the model
+    assert train_run.data.tags["polypflow.stage"] == "train"
+    assert float(champion.tags["val_dice"]) == pytest.approx(train_run.data.metrics["best_val_dice"])
+    assert not any(k.startswith(("test.", "profile.")) for k in train_run.data.metrics)  # later stages write their own runs
+    registered = json.loads((art / "registry" / "unet" / "registered.json").read_text())
+    summary_run = client.get_run(registered["run_id"])  # the method's row: its figures side by side
+    assert summary_run.info.run_name == "unet" and summary_run.data.tags["polypflow.stage"] == "register"
+    assert {"test.gamma.dice", "test.alpha.meanDic", "ort_p50_ms", "val_dice"} <= set(summary_run.data.metrics)
+    assert champion.tags["onnx"].endswith("onnx/model.onnx") and champion.tags["test_dice.gamma"]
+    assert {i.dataset.name.split(" ")[0] for i in summary_run.inputs.dataset_inputs} >= {
+        "70_15_15:training", "70_15_15:validation", "70_15_15:testing.gamma"}
+    stages = {r.data.tags.get("polypflow.stage") for r in client.search_runs([train_run.info.experiment_id])}
+    assert {"ingest", "validate", "split", "train", "crossval", "evaluate", "export", "profile", "register"} <= stages
 
     start = time.perf_counter()
     second = dvc(project, "repro")

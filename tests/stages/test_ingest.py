@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import stage_workdir
+from conftest import read_params, stage_workdir, write_params
 from http_server import FileServer
 
 from polypflow.config import load_params
@@ -27,10 +27,19 @@ def workdir(tmp_path, synthetic_root, monkeypatch) -> Path:
     return stage_workdir(tmp_path, synthetic_root, monkeypatch)
 
 
-def set_dataset(root: Path, key: str, spec: dict) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def set_dataset(root: Path, key: str, spec: dict, sources: Path | None = None) -> None:
+    """Dataset ``key`` as ``spec``; a local source's path is given absolute here and made relative to ``sources``
+    (the new ingest.root, which holds every other dataset too)."""
+    params = read_params(root)
+    if sources is not None:
+        old_root = Path(params["ingest"]["root"])
+        for other in params["ingest"]["datasets"].values():
+            if other["source"]["kind"] == "local":
+                other["source"]["path"] = os.path.relpath(old_root / other["source"]["path"], sources)
+        spec["source"]["path"] = os.path.relpath(spec["source"]["path"], sources)
+        params["ingest"]["root"] = str(sources)
     params["ingest"]["datasets"][key] = spec
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(root, params)
 
 
 def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
@@ -79,7 +88,8 @@ def test_sequence_of_uses_inclusive_ranges():
 
 def test_local_zip_archive_source(workdir, synthetic_root, tmp_path):
     archive = zip_folder(synthetic_root / "gamma", tmp_path / "gamma.zip")
-    set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(archive)}})
+    set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(archive)}},
+                sources=tmp_path.parent)
     manifest = ingest.run(load_params("params.yaml"))
     assert (manifest["dataset"] == "gamma").sum() == COUNTS["gamma"]
     assert_mirrors(manifest, "gamma", synthetic_root / "gamma")
@@ -116,7 +126,8 @@ def test_url_source_with_wrong_sha256_fails(workdir, synthetic_root, tmp_path):
 
 def test_missing_source_folder_names_it(workdir, tmp_path):
     missing = tmp_path / "no-such-dataset"
-    set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(missing)}})
+    set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(missing)}},
+                sources=tmp_path.parent)
     with pytest.raises(SourceError, match="does not exist") as err:
         ingest.run(load_params("params.yaml"))
     assert str(missing) in str(err.value) and "gamma" in str(err.value)
@@ -127,7 +138,8 @@ def test_unpaired_files_are_kept_with_the_other_path_empty(workdir, synthetic_ro
     source = shutil.copytree(synthetic_root / "gamma", tmp_path / "gamma")
     (source / "masks" / "3.png").unlink()
     (source / "images" / "7.png").unlink()
-    set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(source)}})
+    set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(source)}},
+                sources=tmp_path.parent)
     gamma = ingest.run(load_params("params.yaml")).query("dataset == 'gamma'").set_index("id")
     assert len(gamma) == COUNTS["gamma"]
     no_mask, no_image = gamma.loc["3"], gamma.loc["7"]

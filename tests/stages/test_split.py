@@ -178,19 +178,17 @@ def test_run_writes_splits_json_from_validated_facts(tmp_path, synthetic_root, m
 # --- scheme pranet: the protocol's exact test lists ---------------------------------------------------------
 
 SHARED = REPO.parent / "shared" / "data"
-PRANET_LISTS = {"kvasir": SHARED / "splits/pranet/kvasir_test.txt", "clinicdb": SHARED / "splits/pranet/clinicdb_test.txt"}
+PRANET_LISTS = SHARED / "splits" / "pranet"
 
 
-def exact_config(lists: dict[str, Path]) -> Split:
-    return Split(scheme="pranet", datasets=["kvasir", "clinicdb"], unseen=["colondb"], folds=3,
-                 pranet_test_lists=lists)
+def exact_config(lists: Path, datasets: tuple[str, ...] = ("kvasir", "clinicdb")) -> Split:
+    return Split(scheme="pranet", datasets=list(datasets), unseen=["colondb"], folds=3, test_lists=lists)
 
 
-def write_lists(tmp_path: Path, kvasir: list[str], clinicdb: list[str]) -> dict[str, Path]:
-    lists = {"kvasir": tmp_path / "kvasir_test.txt", "clinicdb": tmp_path / "clinicdb_test.txt"}
-    lists["kvasir"].write_text("# a comment\n" + "\n".join(kvasir) + "\n\n")
-    lists["clinicdb"].write_text("\n".join(clinicdb) + "\n")
-    return lists
+def write_lists(tmp_path: Path, kvasir: list[str], clinicdb: list[str]) -> Path:
+    (tmp_path / "kvasir_test.txt").write_text("# a comment\n" + "\n".join(kvasir) + "\n\n")
+    (tmp_path / "clinicdb_test.txt").write_text("\n".join(clinicdb) + "\n")
+    return tmp_path
 
 
 def test_pranet_takes_exactly_the_listed_test_images_and_trains_on_the_rest(tmp_path):
@@ -222,11 +220,11 @@ def test_pranet_list_errors_name_the_file(tmp_path):
     (tmp_path / "kvasir_test.txt").write_text("3\n3\n")
     with pytest.raises(ValueError, match=r"kvasir_test\.txt: lists an id twice.*'3'"):
         split.read_test_lists(cfg)
-    gone = exact_config({"kvasir": tmp_path / "nope.txt", "clinicdb": tmp_path / "clinicdb_test.txt"})
-    with pytest.raises(ValueError, match=r"nope\.txt: cannot read the test list of dataset 'kvasir'"):
-        split.read_test_lists(gone)
-    with pytest.raises(ValueError, match=r"pranet_test_lists for datasets \['clinicdb'\]"):
-        split.read_test_lists(exact_config({"kvasir": tmp_path / "kvasir_test.txt"}))
+    (tmp_path / "kvasir_test.txt").write_text("3\n")
+    with pytest.raises(ValueError, match=r"gamma_test\.txt: cannot read the test list of dataset 'gamma'"):
+        split.read_test_lists(exact_config(tmp_path, ("kvasir", "gamma")))
+    with pytest.raises(ValueError, match=r"needs split\.test_lists"):
+        split.read_test_lists(Split(scheme="pranet", datasets=["kvasir"], folds=2))
 
 
 def real_facts() -> pd.DataFrame:
@@ -249,10 +247,10 @@ def real_facts() -> pd.DataFrame:
 def test_pranet_on_the_real_lists_gives_the_papers_162_test_and_1450_training_images():
     params = load_params(REPO / "params.yaml")
     assert params.split.scheme == "pranet"  # the default profile reports on the papers' protocol
-    cfg = params.split.model_copy(update={"pranet_test_lists": PRANET_LISTS})
+    cfg = params.split.model_copy(update={"test_lists": PRANET_LISTS})
     splits = make_splits(real_facts(), cfg, params.seed, split.read_test_lists(cfg))
-    kvasir = PRANET_LISTS["kvasir"].read_text().split()
-    clinicdb = PRANET_LISTS["clinicdb"].read_text().split()
+    kvasir = (PRANET_LISTS / "kvasir_test.txt").read_text().split()
+    clinicdb = (PRANET_LISTS / "clinicdb_test.txt").read_text().split()
     assert (len(kvasir), len(clinicdb)) == (100, 62)
     assert splits["test"]["kvasir"] == sorted(f"kvasir/{i}" for i in kvasir)
     assert splits["test"]["clinicdb"] == sorted(f"clinicdb/{i}" for i in clinicdb)

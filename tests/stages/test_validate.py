@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import stage_workdir, write_params
+from conftest import read_params, stage_workdir, write_params
 from PIL import Image
 
 from polypflow.config import load_params
@@ -121,7 +120,7 @@ def test_tolerated_imperfections_pass(workdir, data):
     """A little grey at a mask's edge and a duplicate share within the configured thresholds are fine."""
     edit(data / "gamma/masks/6.png", grey_rows(2))  # 3 % grey, under max_ambiguous_fraction 5 %
     copy_pair(data / "gamma", data / "gamma", "1", "11")
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params = read_params(workdir)
     params["validate"]["max_duplicate_fraction_within"] = 0.1  # 1 of 11 gamma images is a copy
     write_params(workdir, params)
     assert len(ingest_and_validate()) == 51

@@ -1,0 +1,67 @@
+"""The MLflow UI's view of the methods side by side, as a link: ``python -m polypflow.mlflow_view``.
+
+The runs of stage ``register`` (one per method, named after it) carry each method's figures. This stores a view of
+them with the UI's own sharing mechanism (experiment tag ``mlflow.sharedViewState.<key>``, opened by
+``?viewStateShareKey=<key>``): the runs filtered to those rows, sorted by validation Dice, with the test Dice and
+meanDic of every test set, validation Dice, latency and size as columns, where a user looks first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+from polypflow import tracking
+from polypflow.config import Params, load_params
+
+STATE_TAG = "mlflow.sharedViewState."
+FIGURES = ["val_dice", "ort_p50_ms", "params_m", "gmacs_352"]
+
+
+def view_state(datasets: list[str]) -> dict:
+    """The shared view: register runs only, sorted by validation Dice, the figures as columns."""
+    metrics = [f"test.{d}.{m}" for d in datasets for m in ("dice", "meanDic")] + FIGURES
+    return {
+        "searchFilter": "tags.`polypflow.stage` = 'register'",
+        "orderByKey": "metrics.`val_dice`",
+        "orderByAsc": False,
+        "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in metrics)],
+        "runsExpanded": {},
+        "runsPinned": [],
+        "runsHidden": [],
+        "viewMaximized": False,
+        "runListHidden": False,
+    }
+
+
+def share(params: Params, datasets: list[str]) -> tuple[str, str]:
+    """Store the view on the experiment; return (experiment id, share key). Idempotent: the key is the view's
+    digest."""
+    from mlflow import MlflowClient
+
+    experiment_id = tracking.configure(params)
+    state = json.dumps(view_state(datasets), sort_keys=True)
+    key = hashlib.sha256(state.encode()).hexdigest()[:16]
+    MlflowClient().set_experiment_tag(experiment_id, STATE_TAG + key, state)
+    return experiment_id, key
+
+
+def link(ui: str, experiment_id: str, key: str) -> str:
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={key}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--ui", default="http://127.0.0.1:5000", help="where `mlflow ui` serves (default: %(default)s)")
+    args = p.parse_args()
+    params = load_params(args.params)
+    from polypflow.layout import read_splits
+
+    datasets = [d for d, keys in read_splits(params)["test"].items() if keys]
+    print(link(args.ui, *share(params, datasets)))
+
+
+if __name__ == "__main__":
+    main()

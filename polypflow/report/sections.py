@@ -1,0 +1,243 @@
+"""The report's sections: the prose around the tables and figures, and :func:`build`, which assembles them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from polypflow.config import Params
+from polypflow.metrics import MODEL_DICE
+from polypflow.data import by_image_key
+from polypflow.report import figures as fig
+from polypflow.report import tables
+from polypflow.report.load import MethodResults, load_paper_figures
+
+Block = tuple  # ("text", str) | ("table", DataFrame, caption) | ("figure", name, png bytes, caption)
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+    boxed: bool = False  # drawn as a framed box (the one-screen summary)
+
+    def text(self, value: str) -> Section:
+        self.blocks.append(("text", value))
+        return self
+
+    def table(self, frame: pd.DataFrame, caption: str = "") -> Section:
+        self.blocks.append(("table", frame, caption))
+        return self
+
+    def figure(self, name: str, png: bytes, caption: str) -> Section:
+        self.blocks.append(("figure", name, png, caption))
+        return self
+
+
+@dataclass
+class Report:
+    title: str
+    sections: list[Section]
+    facts: dict  # machine-readable summary (report.json)
+
+
+SCHEMES = {
+    "pranet": "the PraNet protocol exactly (test = the authors' lists; train = every other image of those datasets), "
+              "as PraNet, IC-PolypSeg and SANet report on it. It is not leakage-safe: ClinicDB test frames have "
+              "video-sequence mates in training, as in the papers",
+    "pranet_grouped": "the PraNet protocol's sizes with whole video sequences and exact duplicates on one side "
+                      "(leakage-safe; no paper reports on it)",
+    "70_15_15": "70/15/15 per dataset, whole sequences on one side (seeded)",
+    "80_10_10": "80/10/10 per dataset, whole sequences on one side (seeded)",
+}
+
+
+def protocol_text(splits: dict) -> str:
+    """Which protocol every figure of this report is on, and where validation came from."""
+    tests = ", ".join(f"{d} {len(k)}" + (" (unseen)" if d in splits.get("unseen", []) else "")
+                      for d, k in splits["test"].items())
+    scheme = splits["scheme"]
+    return (f"Protocol: split scheme '{scheme}': {SCHEMES.get(scheme, scheme)}. Test images: {tests}. Training: "
+            f"{len(splits['train'])} images; validation for epoch selection: {len(splits['val'])} images held out of "
+            "the training side by whole sequences (the papers select on the test set; no test image is used here "
+            "for any choice).")
+
+
+def summary_section(methods: list[MethodResults], splits: dict, cfg, seed: int) -> Section:
+    """The one-screen summary: champion, each method's Dice per test set with its interval, published baselines."""
+    section = Section("Summary", boxed=True)
+    holder = tables.champion(methods)
+    best = []
+    for dataset in fig.datasets_of(methods):
+        scored = [(m.summary[dataset][MODEL_DICE], m.label) for m in methods if dataset in m.summary]
+        if scored:
+            best.append(f"{dataset}: {max(scored)[1]} ({max(scored)[0]:.3f})")
+    section.text((f"Champion (registry alias 'champion'): {holder[0]} ({holder[1]}). " if holder else
+                  "No registered champion. ") + "Highest mDice per test set: " + "; ".join(best) + ". "
+                 + protocol_text(splits))
+    external = [m.label for m in methods if m.external]
+    caption = (f"mDice per test set at each method's threshold, with its {cfg.confidence:.0%} bootstrap interval over "
+               f"images ({cfg.n_boot} resamples)" + (f"; black: published maps ({', '.join(external)}), scored by the "
+                                                     "same code on the same images" if external else "") + ".")
+    section.figure("summary", fig.summary_figure(methods, cfg.n_boot, seed, cfg.confidence), caption)
+    section.table(tables.summary_table(methods, fig.datasets_of(methods), cfg.n_boot, seed, cfg.confidence),
+                  "mDice [95% interval] per test set, parameters and ONNX Runtime latency (batch 1, own input size)")
+    return section
+
+
+def results_sections(methods, papers, figures, crossval, params: Params, splits: dict) -> list[Section]:
+    cfg, at = params.report, params.evaluate.threshold
+    results = tables.results_table(methods, at, cfg.n_boot, params.seed, cfg.confidence)
+    main = Section("Results: every method × test set × metric").text(
+        f"Per image, then averaged over the test set, at the masks' original resolution. '@{at:g}': thresholded at "
+        f"{at:g}; '@thr': at the method's own threshold (stored with the model: the Dice it ships with, and the one "
+        "the intervals, box plots, cases and significance tests use); '(tb)': the community's evaluation toolbox "
+        "(pysodmetrics; meanDic/meanIoU average 256 thresholds of the min-max normalised 8-bit map; maxDic/maxEm are "
+        "the maximum of the image-averaged curve). 'seen' = the test part of a dataset that was trained on, 'unseen' "
+        f"= a dataset never trained on. {protocol_text(splits)} The mDice@thr interval is a {cfg.confidence:.0%} "
+        f"bootstrap interval over images ({cfg.n_boot} resamples). Published methods' maps are scored on the test "
+        "images they cover ('n of N').").table(results, "Test-set means")
+    ours = {"scheme": splits["scheme"],
+            "crossval": f"{(crossval or {}).get('k', '?')}-fold over the {splits['scheme']} train + val images"}
+    compare = tables.comparison_table(methods, papers, figures, crossval, ours)
+    paper = Section("Beside the papers' figures").text(
+        "Each figure a paper reported for the architecture of one of our methods (references/paper_figures.yaml, "
+        "restated from METHODS.md), with ours beside it. 'like with like' says whether the two share the protocol "
+        "(split scheme), the input size and, for speed, the device; 'ours − paper' is given only then, taken from "
+        "the toolbox's meanDic where the paper's figure is the toolbox's. Every other row is context, not a "
+        "replication verdict.")
+    if len(compare):
+        paper.table(compare, "Our value beside each reported figure")
+    else:
+        paper.text("No figure in references/paper_figures.yaml belongs to the architectures evaluated here "
+                   f"({', '.join(sorted({str(m.arch) for m in methods}))}).")
+    listing = pd.DataFrame([{"paper": k, "title": v["title"], "citation": v["citation"], "split": v.get("split"),
+                             "input px": v.get("image_size"), "device": v.get("device"), "protocol": v["protocol"]}
+                            for k, v in papers.items()])
+    paper.table(listing, "Papers and their protocols")
+    paper.table(figures[["paper", "arch", "variant", "dataset", "scope", "metric", "reported"]].fillna("—"),
+                "Every reported figure")
+    return [main, paper]
+
+
+def curve_sections(methods: list[MethodResults], params: Params) -> list[Section]:
+    low, high = params.evaluate.sweep
+    curves = Section("Curves and distributions")
+    if any(len(m.history) for m in methods):
+        curves.figure("training", fig.training_figure(methods),
+                      "Training curves (history.csv of each train@<method>; the same curves `dvc plots show` draws): "
+                      "validation Dice per epoch at 0.5 (dotted: at the grid's best threshold, where the recipe "
+                      "searches one) and training loss.")
+    curves.figure("pr", fig.curve_figure(methods, "pr", "recall", "precision", "recall", "precision"),
+                  "Precision-recall: image-averaged precision and recall at evenly spaced thresholds of the probability.")
+    curves.figure("sweep", fig.curve_figure(methods, "sweep", "threshold", "dice", "threshold", "mean Dice", mark=True),
+                  f"Threshold sweep: mean Dice for thresholds {low:g}..{high:g} (dotted: the method's threshold).")
+    curves.figure("dice_distribution", fig.distribution_figure(methods),
+                  "Per-image Dice at the method's threshold (box: quartiles, triangle: mean; dots: images).")
+    cases = Section("Best and worst cases").text(
+        "Per test set, the images with the highest and lowest Dice at the method's threshold: the image, then the "
+        "prediction at that threshold in red (filled, with its outline) and the ground-truth outline in green.")
+    for m in methods:
+        for _, c in m.cases.iterrows():
+            path = m.eval_dir / "cases" / c["file"]
+            if path.exists():
+                cases.figure(f"case_{m.name}_{Path(c['file']).stem}", path.read_bytes(),
+                             f"{m.label} · {c['dataset']} · {c['kind']} {c['rank']}: {c['key']} (Dice {c['dice']:.3f})")
+    gradcam = Section("Grad-CAM").text(
+        "Panels written by evaluate: image | ground truth | prediction | Grad-CAM heatmap of the main map's "
+        "predicted-polyp logits at the last conv layer feeding it (polypflow/gradcam.py).")
+    for m in methods:
+        for path in sorted((m.eval_dir / "gradcam").glob("*.png")):
+            gradcam.figure(f"gradcam_{m.name}_{path.stem}", path.read_bytes(), f"{m.name} · {path.stem}")
+    return [curves, cases, gradcam]
+
+
+def cost_sections(methods: list[MethodResults], crossval: dict | None) -> list[Section]:
+    cost = Section("Model cost")
+    table = tables.profile_table(methods)
+    if len(table):
+        cost.text("From artifacts/profile/<method>/profile.json: MACs by torch.utils.flop_counter, latency p50/p95 "
+                  "and FPS on the device named, PyTorch vs ONNX Runtime (same input size and batch). A paper's FPS "
+                  "comes from its own GPU: see 'like with like' above.").table(table)
+    else:
+        cost.text("No profile.json found (run `dvc repro profile@<method>`).")
+    cv = Section("Cross-validation")
+    if crossval:
+        cv.text(f"{crossval['k']}-fold cross-validation of {crossval['method']} on the train + val pool of "
+                "splits.json (grouped folds; no test image), with the crossval recipe; held-out Dice of each fold's "
+                "last epoch.")
+        cv.table(pd.DataFrame([{"method": crossval["method"], "k": crossval["k"], "Dice mean": crossval["dice_mean"],
+                                "Dice std": crossval["dice_std"],
+                                "folds": ", ".join(f"{v:.3f}" for v in crossval["folds"])}]))
+        cv.figure("crossval", fig.cv_figure(crossval), "Held-out Dice per fold, mean ± std.")
+    else:
+        cv.text("No cross-validation summary found.")
+    return [cost, cv]
+
+
+def significance_section(methods: list[MethodResults], cfg, seed: int) -> tuple[Section, pd.DataFrame]:
+    section = Section("Significance").text(
+        f"Paired bootstrap of the per-image Dice difference (A − B) on the images both methods were scored on: "
+        f"{cfg.n_boot} resamples (seed {seed}), {cfg.confidence:.0%} percentile interval; 'significant' = the "
+        "interval excludes 0. The bootstrap p-value and its Holm adjustment over all rows are given beside it.")
+    if cfg.pairs:
+        section.text("Pairs compared (report.pairs): each paper's proposed method against its own baseline or "
+                     "ablation, where both were evaluated; then each of our methods against each published method's "
+                     "maps.")
+    table = tables.significance_table(methods, cfg.n_boot, seed, cfg.confidence, cfg.pairs)
+    if len(table):
+        section.table(table)
+    else:
+        section.text("Only one method evaluated: no pairwise comparison (add methods to train.methods).")
+    registry = tables.registry_table(methods)
+    if len(registry):
+        section.text("Model registry: the alias 'champion' of each registered model moved only when the paired "
+                     "bootstrap on the validation images showed a significant Dice gain (tracking.promotion).")
+        section.table(registry, "Registration decisions (from artifacts/registry/<method>/registered.json)")
+    return section, table
+
+
+def leakage_section(pairs: pd.DataFrame, summary: dict, facts: pd.DataFrame, shown: int = 6) -> Section:
+    section = Section("Leakage check").text(
+        f"Near duplicates between the training side (train + val) and every test set of splits.json: dHash and "
+        f"pHash (64 bits each) both within {summary['max_distance']} bits, over {summary['hashed']} images "
+        "(polypflow/leakage.py). Under a leakage-safe scheme, exact duplicates and video-sequence mates are already "
+        "kept on one side by split; under the exact PraNet protocol they are not, and this table shows how many.")
+    section.table(pd.DataFrame([{"test set": k, "test images with a near duplicate in training": v}
+                                for k, v in summary["test_images_with_near_duplicate"].items()]))
+    if not len(pairs):
+        return section.text("No near-duplicate pair found.")
+    section.table(pairs, f"{len(pairs)} near-duplicate pairs (closest first)")
+    paths = by_image_key(facts)["image_path"]
+    for i, row in pairs.head(shown).iterrows():
+        section.figure(f"leak_{i}", fig.thumbnail_pair([paths[row["test_key"]], paths[row["train_key"]]]),
+                       f"test {row['test_key']} | {row['train_side']} {row['train_key']} "
+                       f"(dHash {row['dhash_distance']}, pHash {row['phash_distance']})")
+    return section
+
+
+def build(params: Params, methods: list[MethodResults], crossval: dict | None, leakage: tuple[pd.DataFrame, dict],
+          facts: pd.DataFrame, splits: dict) -> Report:
+    """All sections of the report for ``methods`` (``train.methods`` order, then the external ones)."""
+    cfg = params.report
+    papers, figures = load_paper_figures(cfg.paper_figures)
+    overview = Section("Overview").text(
+        f"Methods: {', '.join(f'{m.label} ({m.arch})' for m in methods)}. Test sets: "
+        + ", ".join(f"{d} ({fig.m_protocol(methods, d)}, n={len(splits['test'][d])})" for d in fig.datasets_of(methods))
+        + f". Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.")
+    significance, sig_table = significance_section(methods, cfg, params.seed)
+    pairs, leak_summary = leakage
+    sections = [summary_section(methods, splits, cfg, params.seed), overview,
+                *results_sections(methods, papers, figures, crossval, params, splits),
+                *curve_sections(methods, params), *cost_sections(methods, crossval), significance,
+                leakage_section(pairs, leak_summary, facts)]
+    facts_out = {"methods": [m.name for m in methods if not m.external],
+                 "external": [m.name for m in methods if m.external], "scheme": splits["scheme"],
+                 "champion": (tables.champion(methods) or [None])[0],
+                 "significant_pairs": int((sig_table.get("significant", pd.Series()) == "yes").sum()),
+                 "comparisons": int(len(sig_table)), "leakage_pairs": int(leak_summary["pairs"]),
+                 "mean_dice": {f"{m.name}.{d}": s[MODEL_DICE] for m in methods for d, s in m.summary.items()}}
+    return Report("polypflow evaluation report", sections, facts_out)

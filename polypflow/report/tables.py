@@ -1,0 +1,197 @@
+"""The report's tables: results, the papers' figures beside ours (like with like), significance, cost, registry."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from polypflow.metrics import MODEL_DICE
+from polypflow.report.load import MethodResults
+from polypflow.stats import bootstrap_ci, holm, paired_bootstrap
+
+
+def result_columns(threshold: float) -> dict[str, str]:
+    """summary key -> column title (toolbox figures marked "tb"); ``threshold`` is evaluate.threshold."""
+    at = f"@{threshold:g}"
+    return {
+        "dice": f"mDice{at}", "iou": f"mIoU{at}", MODEL_DICE: "mDice@thr", "tb_dice": "meanDic (tb)",
+        "tb_iou": "meanIoU (tb)", "max_dice": "maxDic (tb)", "mae": "MAE", "fnr": "FNR", "recall": "Sensitivity",
+        "specificity": "Specificity", "precision": "Precision", "accuracy": "Accuracy", "auc": "AUC-ROC",
+        "sm": "S-measure", "em_mean": "meanEm", "max_em": "maxEm", "wfm": "wF-measure",
+    }
+
+
+def dice_of(m: MethodResults, dataset: str) -> pd.Series:
+    """Per-image Dice at the method's own threshold on ``dataset``, indexed by image key."""
+    part = m.per_image[m.per_image["dataset"] == dataset] if len(m.per_image) else m.per_image
+    return part.set_index("key")[MODEL_DICE] if len(part) else pd.Series(dtype=float)
+
+
+def results_table(methods: list[MethodResults], threshold: float, n_boot: int, seed: int,
+                  confidence: float) -> pd.DataFrame:
+    """One row per method × test set: n, protocol, mDice with its bootstrap CI, then every metric."""
+    rows = []
+    for m in methods:
+        for dataset, s in m.summary.items():
+            ci = bootstrap_ci(dice_of(m, dataset).to_numpy(), n_boot, seed, confidence)
+            n = f"{s['n']} of {s['n'] + s['n_missing']}" if s.get("n_missing") else s["n"]
+            rows.append({"method": m.label, "dataset": dataset, "protocol": s.get("protocol", "?"), "n": n,
+                         "mDice@thr 95% CI": f"[{ci.low:.3f}, {ci.high:.3f}]",
+                         **{title: s.get(key) for key, title in result_columns(threshold).items()}})
+    return pd.DataFrame(rows)
+
+
+def summary_table(methods: list[MethodResults], datasets: list[str], n_boot: int, seed: int,
+                  confidence: float) -> pd.DataFrame:
+    """The one-screen table: each method's mDice per test set with its interval, its size and latency."""
+    rows = []
+    for m in methods:
+        row: dict[str, object] = {"method": m.label}
+        for dataset in datasets:
+            dice = dice_of(m, dataset)
+            if len(dice):
+                ci = bootstrap_ci(dice.to_numpy(), n_boot, seed, confidence)
+                row[dataset] = f"{ci.mean:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+            else:
+                row[dataset] = "—"
+        p = m.profile or {}
+        row["params (M)"] = p["params"] / 1e6 if p else None
+        row["latency p50 ms (ORT)"] = (p.get("onnxruntime") or {}).get("p50_ms") if p else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparability(m: MethodResults, figure: pd.Series, paper: dict, ours: dict) -> list[str]:
+    """Why a paper figure and ours are not like with like (empty: comparable). ``ours``: our split scheme,
+    cross-validation protocol and profiling device."""
+    reasons = []
+    split = paper.get("split")
+    if figure["scope"] == "crossval":
+        reasons.append(f"protocol {split} vs ours {ours['crossval']}")
+    elif figure["scope"] == "test" and split != ours["scheme"]:
+        reasons.append(f"protocol {split or 'unstated'} vs ours {ours['scheme']}")
+    if figure["scope"] != "profile" and paper.get("image_size") and m.image_size and paper["image_size"] != m.image_size:
+        reasons.append(f"input {paper['image_size']} px vs ours {m.image_size} px")
+    if figure["metric"] == "fps":
+        device = (m.profile or {}).get("device_name") or (m.profile or {}).get("device") or "none"
+        if paper.get("device") != device:
+            reasons.append(f"device {paper.get('device') or 'unstated'} vs ours {device}")
+    return reasons
+
+
+def our_value(m: MethodResults, figure: pd.Series, crossval: dict | None) -> tuple[float | None, float | None]:
+    """Our counterpart of one paper figure (and the toolbox's meanDic/meanIoU beside Dice/IoU)."""
+    metric, dataset = figure["metric"], figure["dataset"]
+    if figure["scope"] == "profile":
+        p = m.profile or {}
+        value = {"params_m": p.get("params", np.nan) / 1e6, "gmacs_352": p.get("macs_at_macs_image_size", np.nan) / 1e9,
+                 "fps": (p.get("torch") or {}).get("fps")}.get(metric) if p else None
+        return value, None
+    if figure["scope"] == "crossval":
+        ok = crossval is not None and crossval.get("method") == m.name and metric == "dice"
+        return (crossval["dice_mean"], None) if ok else (None, None)
+    s = m.summary.get(dataset)
+    if s is None:
+        return None, None
+    if not pd.isna(figure["at_threshold"]) and len(m.sweep):
+        at = m.sweep[(m.sweep["dataset"] == dataset) & np.isclose(m.sweep["threshold"], figure["at_threshold"])]
+        return (float(at[metric].iloc[0]) if len(at) and metric in at else None), None
+    if metric in ("dice", "iou"):  # the model's own threshold, as it ships; the toolbox's figure beside it
+        return s.get(f"{metric}_at_method_threshold"), s.get(f"tb_{metric}")
+    return s.get(metric), None
+
+
+def comparison_table(methods: list[MethodResults], papers: dict, figures: pd.DataFrame, crossval: dict | None,
+                     ours: dict) -> pd.DataFrame:
+    """Every paper figure of each method's architecture with our value beside it. The difference is given
+    only where the two are like with like (same protocol, input size, device); it is taken from the toolbox's
+    figure where the paper's is one (``metric_source: toolbox``)."""
+    rows = []
+    for m in methods:
+        for _, f in figures[figures["arch"] == m.arch].iterrows():
+            paper = papers[f["paper"]]
+            value, toolbox = our_value(m, f, crossval)
+            reasons = comparability(m, f, paper, ours)
+            same_kind = toolbox if paper.get("metric_source") == "toolbox" and toolbox is not None else value
+            rows.append({"method": m.label, "paper": f["paper"], "variant": f["variant"],
+                         "dataset": f["dataset"] if f["scope"] != "profile" else "—", "scope": f["scope"],
+                         "metric": f["metric"], "paper value": f["reported"], "ours": value, "ours (tb)": toolbox,
+                         "like with like": "yes" if not reasons else "no: " + "; ".join(reasons),
+                         "ours − paper": None if reasons or same_kind is None else same_kind - f["value"]})
+    return pd.DataFrame(rows)
+
+
+def compared_pairs(methods: list[MethodResults],
+                   pairs: Sequence[tuple[str, str]]) -> list[tuple[MethodResults, MethodResults]]:
+    """The (A, B) pairs of the significance table: ``pairs`` whose two methods were both evaluated (every pair
+    of our methods when ``pairs`` is empty), then each of our methods against each external one."""
+    ours = [m for m in methods if not m.external]
+    external = [m for m in methods if m.external]
+    if not pairs:
+        chosen = list(itertools.combinations(ours, 2))
+    else:
+        by_name = {m.name: m for m in methods}
+        chosen = [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+    return chosen + [(m, e) for e in external for m in ours if (m, e) not in chosen]
+
+
+def significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float,
+                       pairs: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Paired bootstrap CI of the Dice difference of each compared pair (:func:`compared_pairs`) on every
+    test set both were scored on, over the images both have."""
+    rows = []
+    for a, b in compared_pairs(methods, pairs):
+        for dataset in sorted(set(a.summary) & set(b.summary)):
+            ci = paired_bootstrap(dice_of(a, dataset), dice_of(b, dataset), n_boot, seed, confidence)
+            rows.append({"dataset": dataset, "A": a.label, "B": b.label, "n paired": ci.n,
+                         "mean Dice A − B": ci.mean, "CI low": ci.low, "CI high": ci.high, "p (bootstrap)": ci.p_value,
+                         "significant": "yes" if ci.significant else "no"})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table.insert(len(table.columns) - 1, "p (Holm)", holm(table["p (bootstrap)"].to_numpy()))
+    return table
+
+
+def profile_table(methods: list[MethodResults]) -> pd.DataFrame:
+    rows = []
+    for m in methods:
+        p = m.profile
+        if not p:
+            continue
+        rows.append({"method": m.name, "params (M)": p["params"] / 1e6,
+                     f"GMACs@{p.get('macs_image_size', 352)}": p["macs_at_macs_image_size"] / 1e9,
+                     "GMACs@own size": p["macs_at_image_size"] / 1e9, "size": p["image_size"], "batch": p["batch_size"],
+                     "device": p.get("device_name", p.get("device")),
+                     "torch p50 ms": p["torch"]["p50_ms"], "torch p95 ms": p["torch"]["p95_ms"], "torch FPS": p["torch"]["fps"],
+                     "ORT p50 ms": p["onnxruntime"]["p50_ms"], "ORT p95 ms": p["onnxruntime"]["p95_ms"],
+                     "ORT FPS": p["onnxruntime"]["fps"]})
+    return pd.DataFrame(rows)
+
+
+def registry_table(methods: list[MethodResults]) -> pd.DataFrame:
+    rows = []
+    for m in methods:
+        r = m.run
+        for entry in (r, r.get("global") or {}):
+            if not entry.get("version"):
+                continue
+            decision = entry.get("decision") or {}
+            rows.append({"method": m.name, "registered model": entry.get("name", m.name), "version": entry["version"],
+                         "champion at registration": "yes" if entry.get("champion") else "no",
+                         "decision": decision.get("reason", ""), "val Dice": m.train.get("val_dice"),
+                         "threshold": m.train.get("threshold")})
+    return pd.DataFrame(rows)
+
+
+def champion(methods: list[MethodResults]) -> tuple[str, str] | None:
+    """(method, "name vN") holding the global model's alias ``champion``: the alias moves only when a version is
+    registered and wins, so the holder is the latest registered version that was made champion."""
+    made = [(int(g["version"]), m.name, g.get("name", "")) for m in methods
+            if isinstance(g := m.run.get("global"), dict) and g.get("version") and g.get("champion")]
+    if not made:
+        return None
+    version, method, name = max(made)
+    return method, f"{name} v{version}"

@@ -1,0 +1,40 @@
+"""One layout: the files dvc.yaml declares for a method are the files polypflow.layout names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import REPO
+
+from polypflow.config import load_params
+from polypflow.layout import method_layout
+
+
+def stage_outs(repo, name: str) -> set[str]:
+    stage = next(s for s in repo.index.stages if s.addressing == name)
+    return {str(Path(o.def_path)) for o in stage.outs}
+
+
+def test_dvc_yaml_declares_the_files_layout_names():
+    from dvc.repo import Repo
+
+    params = load_params(REPO / "params.yaml")
+    method = params.train.methods[0]
+    f = method_layout(params, method)
+    rel = lambda *paths: {str(Path(p)) for p in paths}  # noqa: E731
+    with Repo(str(REPO)) as repo:
+        assert stage_outs(repo, f"train@{method}") == rel(f.model, f.run_record("train"), f.val_scores,
+                                                          f.checkpoint.parent, f.metrics, f.history)
+        assert stage_outs(repo, f"evaluate@{method}") == rel(
+            *(f.eval_table(t) for t in ("per_image", "curves", "pr", "sweep")), f.cases_dir, f.gradcam_dir,
+            f.run_record("evaluate"), f.eval_summary)
+        assert stage_outs(repo, f"export@{method}") == rel(f.onnx, f.run_record("export"), f.parity)
+        assert stage_outs(repo, f"profile@{method}") == rel(f.profile, f.run_record("profile"))
+        assert stage_outs(repo, f"register@{method}") == rel(f.registered)
+        cv = method_layout(params, params.crossval.method)
+        assert stage_outs(repo, "crossval") == rel(cv.crossval_folds, cv.crossval_checkpoints, cv.crossval_summary)
+        for name in params.external:
+            e = method_layout(params, name)
+            assert stage_outs(repo, f"evaluate_external@{name}") == rel(
+                *(e.eval_table(t) for t in ("per_image", "curves", "pr", "sweep")), e.cases_dir,
+                e.run_record("evaluate"), e.eval_summary)
