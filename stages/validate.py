@@ -1,9 +1,9 @@
 """Stage 2, validate: a great-expectations suite over the manifest and per-image facts.
 
 Every image and mask is decoded once to measure facts (readable, channels, sizes, share of grey mask
-pixels, polyp area after thresholding); exact duplicates are counted within and across datasets. A
-failing suite writes the report and stops the pipeline; each failure names the file at fault (the mask
-for the mask's checks) and says what was expected and what was found.
+pixels, polyp area after thresholding, a mask scaled 0/1, a mask that looks inverted); exact duplicates are
+counted within and across datasets. A failing suite writes the report and stops the pipeline; each failure
+names the file at fault (the mask for the mask's checks) and says what was expected and what was found.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class ValidationFailed(RuntimeError):
 def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int, int]) -> dict:
     """Decode one pair and measure what the suite checks; unreadable files are facts, not crashes."""
     facts = {"image_readable": False, "mask_readable": False, "channels": -1, "image_mode": "",
-             "ambiguous_fraction": np.nan, "mask_fraction": np.nan, "decoded_size_match": False}
+             "ambiguous_fraction": np.nan, "mask_fraction": np.nan, "border_fraction": np.nan,
+             "mask_scaled_0_1": False, "decoded_size_match": False}
     image_size = mask_size = None
     if image_path:
         try:
@@ -54,10 +55,20 @@ def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int
 
 
 def mask_facts(grey: np.ndarray, threshold: int, band: tuple[int, int]) -> dict:
-    """Shares of grey pixels and of polyp in the frame."""
+    """Shares of grey pixels, of polyp in the frame and on its edge (outermost pixel ring). A mask scaled 0/1,
+    which the threshold reads as empty, is recognised as such; its polyp shares stay unmeasured (NaN), so it
+    fails once, as a 0/1 mask, and not also as an empty one."""
     lo, hi = band
+    polyp = grey > threshold
+    edge = np.concatenate([polyp[0], polyp[-1], polyp[1:-1, 0], polyp[1:-1, -1]])
+    scaled_0_1 = threshold >= 1 and int(grey.max()) == 1
     return {"ambiguous_fraction": float(((grey > lo) & (grey < hi)).mean()),
-            "mask_fraction": float((grey > threshold).mean())}
+            "mask_fraction": np.nan if scaled_0_1 else float(polyp.mean()),
+            "border_fraction": np.nan if scaled_0_1 else float(edge.mean()),
+            "mask_scaled_0_1": scaled_0_1}
+
+
+MOSTLY = 0.5  # a mask is "mostly polyp" when polyp is the majority of its pixels
 
 
 def measure(manifest: pd.DataFrame, cfg: Validate, workers: int = 2) -> pd.DataFrame:
@@ -69,6 +80,9 @@ def measure(manifest: pd.DataFrame, cfg: Validate, workers: int = 2) -> pd.DataF
     df = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(facts)], axis=1)
     df["paired"] = (df["image_path"] != "") & (df["mask_path"] != "")
     df["file"] = df["image_path"].where(df["image_path"] != "", df["mask_path"])
+    # beyond max_mask_fraction a mask fails mask_fraction, which names it a likely inverted mask already
+    mostly_polyp = (df["mask_fraction"] > MOSTLY) & (df["mask_fraction"] <= cfg.max_mask_fraction)
+    df["likely_inverted"] = mostly_polyp & (df["border_fraction"] > cfg.inverted_border_fraction)
     hashed = df["image_sha256"] != ""
     df["duplicates_within"] = 0
     df.loc[hashed, "duplicates_within"] = df[hashed].groupby(["dataset", "image_sha256"])["id"].transform("size") - 1
@@ -107,7 +121,9 @@ def _suites(cfg: Validate):
         E.ExpectColumnValuesToBeBetween(column="width", min_value=lo_side, max_value=hi_side),
         E.ExpectColumnValuesToBeBetween(column="height", min_value=lo_side, max_value=hi_side),
         E.ExpectColumnValuesToBeBetween(column="ambiguous_fraction", min_value=0, max_value=cfg.max_ambiguous_fraction),
+        E.ExpectColumnValuesToBeInSet(column="mask_scaled_0_1", value_set=[False]),
         E.ExpectColumnValuesToBeBetween(column="mask_fraction", min_value=cfg.min_mask_fraction, max_value=cfg.max_mask_fraction),
+        E.ExpectColumnValuesToBeInSet(column="likely_inverted", value_set=[False]),
         E.ExpectColumnValuesToBeUnique(column="file"),
     ]
     per_dataset = [
@@ -136,7 +152,8 @@ def _validate(df: pd.DataFrame, expectations: list, name: str, key_column: str) 
 
 
 # per-image checks of the mask: they name the mask (the image when there is no mask)
-MASK_CHECKS = frozenset({"mask_readable", "decoded_size_match", "ambiguous_fraction", "mask_fraction"})
+MASK_CHECKS = frozenset({"mask_readable", "decoded_size_match", "ambiguous_fraction", "mask_scaled_0_1",
+                         "mask_fraction", "likely_inverted"})
 
 
 def at_fault(row: pd.Series, column: str) -> str:
@@ -197,6 +214,11 @@ def _ambiguous(row: pd.Series, cfg: Validate) -> str:
             f"{_pct(cfg.max_ambiguous_fraction)} (validate.max_ambiguous_fraction)")
 
 
+def _scaled_0_1(row: pd.Series, cfg: Validate) -> str:
+    return (f"a mask scaled 0/1 (its only values are 0 and 1), expected 0/255: polyp is > validate.mask_threshold "
+            f"{cfg.mask_threshold}, so it reads as empty; rescale it to 0/255 (Pillow: mask.point(lambda v: 255 * v))")
+
+
 def _mask_fraction(row: pd.Series, cfg: Validate) -> str:
     share = _pct(row["mask_fraction"])
     if row["mask_fraction"] < cfg.min_mask_fraction:
@@ -204,6 +226,12 @@ def _mask_fraction(row: pd.Series, cfg: Validate) -> str:
                 "(validate.min_mask_fraction) — an empty mask?")
     return (f"polyp covers {share} of the frame, expected at most {_pct(cfg.max_mask_fraction)} "
             "(validate.max_mask_fraction) — an inverted mask?")
+
+
+def _inverted(row: pd.Series, cfg: Validate) -> str:
+    return (f"polyp covers {_pct(row['mask_fraction'])} of the frame and {_pct(row['border_fraction'])} of its edge, "
+            f"expected at most {_pct(cfg.inverted_border_fraction)} of the edge in a mask that is mostly polyp "
+            "(validate.inverted_border_fraction) — an inverted mask? Polyp must be the bright value")
 
 
 EXPLAIN: dict[str, Callable[[pd.Series, Validate], str]] = {
@@ -215,7 +243,9 @@ EXPLAIN: dict[str, Callable[[pd.Series, Validate], str]] = {
     "width": _side("width"),
     "height": _side("height"),
     "ambiguous_fraction": _ambiguous,
+    "mask_scaled_0_1": _scaled_0_1,
     "mask_fraction": _mask_fraction,
+    "likely_inverted": _inverted,
     "file": lambda row, cfg: "expected each file once in the manifest, found it more than once",
 }
 

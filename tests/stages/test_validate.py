@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import stage_workdir, write_params
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from polypflow.config import load_params
 from stages import ingest, validate
@@ -84,6 +84,13 @@ def almost_all_polyp(mask: Image.Image) -> Image.Image:
     return full
 
 
+def polyp_on_the_left(mask: Image.Image) -> Image.Image:
+    """A large polyp filling the left 40 columns: mostly polyp, touching the edge, yet not an inverted mask."""
+    large = Image.new("L", mask.size, 0)
+    large.paste(255, (0, 0, 40, mask.height))
+    return large
+
+
 G = "data/raw/gamma"
 CASES = [  # id, damage, failed check (column), offending files it must name, what the message says about one of them
     ("truncated_jpeg", lambda r: truncate(r / "alpha/images/5.jpg"), "image_readable", ["data/raw/alpha/images/5.jpg"],
@@ -106,9 +113,15 @@ CASES = [  # id, damage, failed check (column), offending files it must name, wh
     ("empty_mask", lambda r: edit(r / "gamma/masks/7.png", lambda m: Image.new("L", m.size, 0)),
      "mask_fraction", [f"{G}/masks/7.png"], f"{G}/masks/7.png: polyp covers 0 % of the frame, expected at least "
      "0.05 % (validate.min_mask_fraction) — an empty mask?"),
+    ("mask_scaled_0_1", lambda r: edit(r / "gamma/masks/3.png", lambda m: m.point(lambda v: v // 255)),
+     "mask_scaled_0_1", [f"{G}/masks/3.png"], f"{G}/masks/3.png: a mask scaled 0/1 (its only values are 0 and 1), "
+     "expected 0/255: polyp is > validate.mask_threshold 127, so it reads as empty; rescale it to 0/255"),
     ("mask_almost_all_polyp", lambda r: edit(r / "gamma/masks/5.png", almost_all_polyp), "mask_fraction",
      [f"{G}/masks/5.png"], f"{G}/masks/5.png: polyp covers 99 % of the frame, expected at most 95 % "
      "(validate.max_mask_fraction) — an inverted mask?"),
+    ("inverted_mask", lambda r: edit(r / "gamma/masks/5.png", ImageOps.invert), "likely_inverted", [f"{G}/masks/5.png"],
+     f"{G}/masks/5.png: polyp covers 89 % of the frame and 100 % of its edge, expected at most 90 % of the edge in "
+     "a mask that is mostly polyp (validate.inverted_border_fraction) — an inverted mask?"),
     ("rgba_image", lambda r: edit(r / "gamma/images/8.png", lambda im: im.convert("RGBA")),
      "channels", [f"{G}/images/8.png"], f"{G}/images/8.png: expected 3 channels, found 4 (RGBA)"),
     ("greyscale_image", lambda r: edit(r / "gamma/images/9.png", lambda im: im.convert("L")),
@@ -125,7 +138,7 @@ CASES = [  # id, damage, failed check (column), offending files it must name, wh
      "beta, expected at most 0 (validate.max_duplicates_across)"),
 ]
 # a damaged mask whose content is at fault fails that one check, not also another one for the same fault
-ALONE = {"size_mismatch", "grey_mask", "empty_mask", "mask_almost_all_polyp"}
+ALONE = {"size_mismatch", "grey_mask", "empty_mask", "mask_scaled_0_1", "mask_almost_all_polyp", "inverted_mask"}
 
 
 # --- tests ----------------------------------------------------------------------------------------------
@@ -144,8 +157,10 @@ def test_clean_data_passes_and_writes_facts_and_report(workdir):
 
 
 def test_tolerated_imperfections_pass(workdir, data):
-    """A little grey at a mask's edge and a duplicate share within the configured thresholds are fine."""
+    """A little grey at a mask's edge, a large polyp at the frame's edge and a duplicate share within the
+    configured thresholds are fine."""
     edit(data / "gamma/masks/6.png", grey_rows(2))  # 3 % grey, under max_ambiguous_fraction 5 %
+    edit(data / "gamma/masks/7.png", polyp_on_the_left)  # 63 % polyp along 56 % of the edge: not inverted
     copy_pair(data / "gamma", data / "gamma", "1", "11")
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["validate"]["max_duplicate_fraction_within"] = 0.1  # 1 of 11 gamma images is a copy
