@@ -1,13 +1,15 @@
 """Stage 2, validate: a great-expectations suite over the manifest and per-image facts.
 
 Every image and mask is decoded once to measure facts (readable, channels, sizes, share of grey mask
-pixels, polyp area after thresholding); exact duplicates are counted within and across datasets. A
-failing suite writes the report (naming every offending file) and stops the pipeline.
+pixels, polyp area after thresholding, a mask scaled 0/1, a mask that looks inverted); exact duplicates are
+counted within and across datasets. A failing suite writes the report and stops the pipeline; each failure
+names the file at fault (the mask for the mask's checks) and says what was expected and what was found.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -29,7 +31,8 @@ class ValidationFailed(ValueError):
 def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int, int]) -> dict:
     """Decode one pair and measure what the suite checks; unreadable files are facts, not crashes."""
     facts = {"image_readable": False, "mask_readable": False, "channels": -1, "image_mode": "",
-             "ambiguous_fraction": np.nan, "mask_fraction": np.nan, "decoded_size_match": False}
+             "ambiguous_fraction": np.nan, "mask_fraction": np.nan, "border_fraction": np.nan,
+             "mask_scaled_0_1": False, "decoded_size_match": False}
     image_size = mask_size = None
     if image_path:
         try:
@@ -44,16 +47,28 @@ def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int
             with Image.open(mask_path) as img:
                 grey = np.asarray(img.convert("L"))
             mask_size = grey.shape[::-1]
-            lo, hi = band
-            facts.update(
-                mask_readable=True,
-                ambiguous_fraction=float(((grey > lo) & (grey < hi)).mean()),
-                mask_fraction=float((grey > threshold).mean()),
-            )
+            facts.update(mask_readable=True, **mask_facts(grey, threshold, band))
         except (OSError, SyntaxError) as exc:  # Pillow raises SyntaxError for some broken PNGs
             facts["mask_error"] = str(exc)
     facts["decoded_size_match"] = image_size is not None and image_size == mask_size
     return facts
+
+
+def mask_facts(grey: np.ndarray, threshold: int, band: tuple[int, int]) -> dict:
+    """Shares of grey pixels, of polyp in the frame and on its edge (outermost pixel ring). A mask scaled 0/1,
+    which the threshold reads as empty, is recognised as such; its polyp shares stay unmeasured (NaN), so it
+    fails once, as a 0/1 mask, and not also as an empty one."""
+    lo, hi = band
+    polyp = grey > threshold
+    edge = np.concatenate([polyp[0], polyp[-1], polyp[1:-1, 0], polyp[1:-1, -1]])
+    scaled_0_1 = threshold >= 1 and int(grey.max()) == 1
+    return {"ambiguous_fraction": float(((grey > lo) & (grey < hi)).mean()),
+            "mask_fraction": np.nan if scaled_0_1 else float(polyp.mean()),
+            "border_fraction": np.nan if scaled_0_1 else float(edge.mean()),
+            "mask_scaled_0_1": scaled_0_1}
+
+
+MOSTLY = 0.5  # a mask is "mostly polyp" when polyp is the majority of its pixels
 
 
 def measure(manifest: pd.DataFrame, cfg: Validate, workers: int = 2) -> pd.DataFrame:
@@ -65,6 +80,9 @@ def measure(manifest: pd.DataFrame, cfg: Validate, workers: int = 2) -> pd.DataF
     df = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(facts)], axis=1)
     df["paired"] = (df["image_path"] != "") & (df["mask_path"] != "")
     df["file"] = df["image_path"].where(df["image_path"] != "", df["mask_path"])
+    # beyond max_mask_fraction a mask fails mask_fraction, which names it a likely inverted mask already
+    mostly_polyp = (df["mask_fraction"] > MOSTLY) & (df["mask_fraction"] <= cfg.max_mask_fraction)
+    df["likely_inverted"] = mostly_polyp & (df["border_fraction"] > cfg.inverted_border_fraction)
     hashed = df["image_sha256"] != ""
     df["duplicates_within"] = 0
     df.loc[hashed, "duplicates_within"] = df[hashed].groupby(["dataset", "image_sha256"])["id"].transform("size") - 1
@@ -103,7 +121,9 @@ def _suites(cfg: Validate):
         E.ExpectColumnValuesToBeBetween(column="width", min_value=lo_side, max_value=hi_side),
         E.ExpectColumnValuesToBeBetween(column="height", min_value=lo_side, max_value=hi_side),
         E.ExpectColumnValuesToBeBetween(column="ambiguous_fraction", min_value=0, max_value=cfg.max_ambiguous_fraction),
+        E.ExpectColumnValuesToBeInSet(column="mask_scaled_0_1", value_set=[False]),
         E.ExpectColumnValuesToBeBetween(column="mask_fraction", min_value=cfg.min_mask_fraction, max_value=cfg.max_mask_fraction),
+        E.ExpectColumnValuesToBeInSet(column="likely_inverted", value_set=[False]),
         E.ExpectColumnValuesToBeUnique(column="file"),
     ]
     per_dataset = [
@@ -124,11 +144,124 @@ def _validate(df: pd.DataFrame, expectations: list, name: str, key_column: str) 
     checks = []
     for r in result.results:
         kwargs = {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"}
-        offenders = [str(u[key_column]) for u in r.result.get("unexpected_index_list") or []]
+        offenders = [u[key_column] for u in r.result.get("unexpected_index_list") or []]
         checks.append({"expectation": r.expectation_config.type, "kwargs": kwargs,
                        "success": bool(r.success), "unexpected_count": int(r.result.get("unexpected_count") or 0),
-                       "offending": offenders})
+                       "offending": offenders, "messages": []})
     return checks
+
+
+# per-image checks of the mask: they name the mask (the image when there is no mask)
+MASK_CHECKS = frozenset({"mask_readable", "decoded_size_match", "ambiguous_fraction", "mask_scaled_0_1",
+                         "mask_fraction", "likely_inverted"})
+
+
+def at_fault(row: pd.Series, column: str) -> str:
+    """The file a failed per-image check blames: the mask for the mask's checks (for a size mismatch, once the
+    image is readable), the image for the others; whichever exists when the pair is incomplete."""
+    mask_checked = column != "decoded_size_match" or row["image_readable"]
+    return row["mask_path"] if column in MASK_CHECKS and row["mask_path"] and mask_checked else row["file"]
+
+
+def name_image_files(checks: list[dict], facts: pd.DataFrame, cfg: Validate) -> list[dict]:
+    """Per-image checks report rows; each becomes the file at fault and a message saying expected/found."""
+    for check in checks:
+        column = check["kwargs"]["column"]
+        rows = facts.iloc[list(check["offending"])].iterrows()
+        named = {at_fault(row, column): EXPLAIN[column](row, cfg) for _, row in rows}
+        check.update(offending=list(named), messages=[f"{file}: {text}" for file, text in named.items()],
+                     unexpected_count=len(named))
+    return checks
+
+
+# --- what each failed check says about a file: expected, then found ---------------------------------------
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.0f} %" if share == 0 or share >= 0.01 else f"{100 * share:.2g} %"
+
+
+def _missing_or_unreadable(row: pd.Series, kind: str) -> str:
+    if not row[f"{kind}_path"]:
+        return f"expected {'an' if kind == 'image' else 'a'} {kind} with the stem {row['id']!r}, found none"
+    error = row.get(f"{kind}_error")
+    return f"expected a readable {kind}, found one that cannot be decoded ({error if isinstance(error, str) else '?'})"
+
+
+def _channels(row: pd.Series, cfg: Validate) -> str:
+    found = f"{row['channels']} ({row['image_mode']})" if row["channels"] >= 0 else "no readable image"
+    return f"expected 3 channels, found {found}"
+
+
+def _sizes(row: pd.Series, cfg: Validate) -> str:
+    for kind in ("image", "mask"):
+        if not row[f"{kind}_readable"]:
+            return f"expected the image's size, found no readable {kind} to compare"
+    return f"expected the image's size {row['width']}x{row['height']}, found {row['mask_width']}x{row['mask_height']}"
+
+
+def _side(column: str) -> Callable[[pd.Series, Validate], str]:
+    def explain(row: pd.Series, cfg: Validate) -> str:
+        found = f"{row[column]} px" if row[column] >= 0 else "no readable image"
+        return (f"expected a {column} of {cfg.min_side} to {cfg.max_side} px "
+                f"(validate.min_side, validate.max_side), found {found}")
+    return explain
+
+
+def _ambiguous(row: pd.Series, cfg: Validate) -> str:
+    lo, hi = cfg.ambiguous_band
+    return (f"{_pct(row['ambiguous_fraction'])} of its pixels are grey (between {lo} and {hi}), expected at most "
+            f"{_pct(cfg.max_ambiguous_fraction)} (validate.max_ambiguous_fraction)")
+
+
+def _scaled_0_1(row: pd.Series, cfg: Validate) -> str:
+    return (f"a mask scaled 0/1 (its only values are 0 and 1), expected 0/255: polyp is > validate.mask_threshold "
+            f"{cfg.mask_threshold}, so it reads as empty; rescale it to 0/255 (Pillow: mask.point(lambda v: 255 * v))")
+
+
+def _mask_fraction(row: pd.Series, cfg: Validate) -> str:
+    share = _pct(row["mask_fraction"])
+    if row["mask_fraction"] < cfg.min_mask_fraction:
+        return (f"polyp covers {share} of the frame, expected at least {_pct(cfg.min_mask_fraction)} "
+                "(validate.min_mask_fraction) — an empty mask?")
+    return (f"polyp covers {share} of the frame, expected at most {_pct(cfg.max_mask_fraction)} "
+            "(validate.max_mask_fraction) — an inverted mask?")
+
+
+def _inverted(row: pd.Series, cfg: Validate) -> str:
+    return (f"polyp covers {_pct(row['mask_fraction'])} of the frame and {_pct(row['border_fraction'])} of its edge, "
+            f"expected at most {_pct(cfg.inverted_border_fraction)} of the edge in a mask that is mostly polyp "
+            "(validate.inverted_border_fraction) — an inverted mask? Polyp must be the bright value")
+
+
+EXPLAIN: dict[str, Callable[[pd.Series, Validate], str]] = {
+    "paired": lambda row, cfg: _missing_or_unreadable(row, "mask" if row["image_path"] else "image"),
+    "image_readable": lambda row, cfg: _missing_or_unreadable(row, "image"),
+    "mask_readable": lambda row, cfg: _missing_or_unreadable(row, "mask"),
+    "channels": _channels,
+    "decoded_size_match": _sizes,
+    "width": _side("width"),
+    "height": _side("height"),
+    "ambiguous_fraction": _ambiguous,
+    "mask_scaled_0_1": _scaled_0_1,
+    "mask_fraction": _mask_fraction,
+    "likely_inverted": _inverted,
+    "file": lambda row, cfg: "expected each file once in the manifest, found it more than once",
+}
+
+
+def explain_duplicate(column: str, row, facts: pd.DataFrame, summary: pd.DataFrame, cfg: Validate) -> str:
+    """A duplicated image: which files it copies, and the dataset's share or count against its limit."""
+    same = (facts["image_sha256"] == row.image_sha256) & (facts["file"] != row.file)
+    if column == "duplicate_fraction_within":
+        copies = sorted(facts.loc[same & (facts["dataset"] == row.dataset), "file"])
+        return (f"an exact copy of {', '.join(copies)}; {_pct(summary.at[row.dataset, column])} of {row.dataset}'s "
+                f"images are copies, expected at most {_pct(cfg.max_duplicate_fraction_within)} "
+                "(validate.max_duplicate_fraction_within)")
+    copies = sorted(facts.loc[same & (facts["dataset"] != row.dataset), "file"])
+    return (f"the same image as {', '.join(copies)}; images shared with other datasets: "
+            f"{summary.at[row.dataset, column]} in {row.dataset}, expected at most {cfg.max_duplicates_across} "
+            "(validate.max_duplicates_across)")
 
 
 # dataset-level duplicate check -> (per-image column, its value for an image without copies)
@@ -136,23 +269,31 @@ DUPLICATE_COUNTS = {"duplicate_fraction_within": ("duplicates_within", 0),
                     "duplicates_across": ("datasets_sharing_image", 1)}
 
 
-def name_duplicate_files(checks: list[dict], facts: pd.DataFrame) -> list[dict]:
+def name_duplicate_files(checks: list[dict], facts: pd.DataFrame, datasets: pd.DataFrame,
+                         cfg: Validate) -> list[dict]:
     """Duplicate checks run per dataset; report the duplicated image files of the failing datasets."""
+    summary = datasets.set_index("dataset")
     for check in checks:
-        count = DUPLICATE_COUNTS.get(check["kwargs"].get("column"))
+        check_column = check["kwargs"].get("column")
+        count = DUPLICATE_COUNTS.get(check_column)
         if count and not check["success"]:
             column, alone = count
-            copies = facts["dataset"].isin(check["offending"]) & (facts[column] > alone)
-            check["offending"] = sorted(facts.loc[copies, "file"])
+            copies = facts[facts["dataset"].isin(check["offending"]) & (facts[column] > alone)].sort_values("file")
+            check["offending"] = copies["file"].tolist()
+            check["messages"] = [f"{row.file}: {explain_duplicate(check_column, row, facts, summary, cfg)}"
+                                 for row in copies.itertuples()]
             check["unexpected_count"] = len(check["offending"])
     return checks
 
 
 def readable_failures(checks: list[dict], limit: int = 10) -> str:
+    """Each failed check, then one line per file at fault (at most ``limit``; the report has them all)."""
     lines = []
     for c in (c for c in checks if not c["success"]):
-        shown = ", ".join(c["offending"][:limit]) + (" ..." if len(c["offending"]) > limit else "")
-        lines.append(f"{c['expectation']}({c['kwargs'].get('column')}): {c['unexpected_count']} failing: {shown}")
+        lines.append(f"{c['expectation']}({c['kwargs'].get('column')}): {c['unexpected_count']} failing:")
+        lines += [f"  {message}" for message in c["messages"][:limit]]
+        if len(c["messages"]) > limit:
+            lines.append(f"  ... and {len(c['messages']) - limit} more in the report")
     return "\n".join(lines)
 
 
@@ -174,8 +315,9 @@ def run(params: Params) -> pd.DataFrame:
     facts = measure(manifest, cfg)
     datasets = summary_by_dataset(facts)
     per_image, per_dataset = _suites(cfg)
-    checks = _validate(facts, per_image, "images", "file") + name_duplicate_files(
-        _validate(datasets, per_dataset, "datasets", "dataset"), facts)
+    image_checks = _validate(facts.rename_axis("row").reset_index(), per_image, "images", "row")
+    dataset_checks = _validate(datasets, per_dataset, "datasets", "dataset")
+    checks = name_image_files(image_checks, facts, cfg) + name_duplicate_files(dataset_checks, facts, datasets, cfg)
     report = {"success": all(c["success"] for c in checks), "images": len(facts),
               "datasets": datasets.to_dict(orient="records"), "checks": checks}
     write_json(params.paths.validation_report, report)

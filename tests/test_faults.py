@@ -280,4 +280,6 @@ def test_bad_input_is_a_clear_error_naming_the_file(workdir, damage, stage, erro
     message = str(err.value)
     assert named in message, message
     if stage == "validate":
-        assert f"(width): 1 failing: {named}" in message and f"(height): 1 failing: {named}" in message
+        for side in ("width", "height"):
+            says = f"({side}): 1 failing:\n  {named}: expected a {side} of 32 to 4096 px (validate.min_side, "
+            assert says + "validate.max_side), found 5000 px" in message, message
