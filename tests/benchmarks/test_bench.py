@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import bench
+from benchmarks.bench import inference
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def quick_result(tmp_path_factory):
     def broken_fp16(src, dst):
         raise RuntimeError("no fp16 today")
 
-    mp.setattr(bench, "fp16_onnx", broken_fp16)  # one back-end fails: it must be recorded, not raised
+    mp.setattr(inference, "fp16_onnx", broken_fp16)  # one back-end fails: it must be recorded, not raised
     try:
         bench.run(["--quick", "--methods", "fcn", "--image-size", "64", "--batches", "1", "--iterations", "2",
                    "--skip-compile", "--out", str(out), "--data-root", str(out / "absent"), "--params", str(out / "none.yaml")])
@@ -77,7 +78,7 @@ def test_int8_model_is_quantised_and_close_to_fp32(tmp_path):
     torch.manual_seed(0)
     model = build_model("fcn", **{**method_entry("fcn").test_kwargs, "pretrained": "none"}).eval()
     fp32 = export_onnx(model, tmp_path / "fcn.onnx", image_size=64)
-    int8 = bench.int8_onnx(fp32, tmp_path / "fcn-int8.onnx", size=64)
+    int8 = inference.int8_onnx(fp32, tmp_path / "fcn-int8.onnx", size=64)
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)

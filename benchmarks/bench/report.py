@@ -1,0 +1,136 @@
+"""The report: ``bench.json`` and ``bench.md``, rewritten after every section, and the issue's targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "ef0_fps_batch1_h100": 1000.0,
+    "ef0_speedup_vs_eager_h100": 3.0,
+    "ort_cpu_latency_vs_eager_cpu": 0.5,
+    "paper_training_minutes_h100": 10.0,
+}
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# Benchmark — {m['device_name']} ({m['device']}), {m['date']}", "",
+             f"`{m['command']}`", "",
+             f"torch {m['torch']} ({m['torch_threads']} threads), onnxruntime {m['onnxruntime']} "
+             f"(providers: {', '.join(m['ort_providers'])}), AMP dtype {m['amp_dtype']}, "
+             f"{m['warmup']} warm-up + {m['iterations']} timed iterations.", ""]
+    if "probe" in result:
+        p = result["probe"]
+        lines += ["## GEMM probe (achievable matmul FLOP/s: best / median window)", "",
+                  "| dtype | n | TFLOP/s best | TFLOP/s median |", "|---|---:|---:|---:|"]
+        lines += [f"| {v['dtype']} | {v.get('n', '–')} | {fmt(v.get('tflops'), 3)} {v.get('status', '')}"
+                  f"| {fmt(v.get('tflops_median'), 3)} |" for v in p.values() if isinstance(v, dict)]
+        lines.append("")
+    if "models" in result:
+        lines += ["## Models at the benchmark size", "", "| method | params (M) | GMACs/image | ceiling FPS |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {i['method']} | {i['params'] / 1e6:.2f} | {i['macs'] / 1e9:.2f} | {fmt(i['ceiling_fps'], 0)} |"
+                  for i in result["models"]]
+        lines += ["", "## Inference (per batch; FPS = batch / p50)", "",
+                  "| method | backend | batch | p50 ms | p95 ms | FPS | × eager | % of ceiling | status |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in result["inference"]:
+            ceiling = r.get("fraction_of_ceiling")
+            lines.append(f"| {r['method']} | {r['backend']} | {r['batch']} | {fmt(r.get('p50_ms'))} | {fmt(r.get('p95_ms'))} "
+                         f"| {fmt(r.get('fps'), 1)} | {fmt(r.get('speedup_vs_eager'))} "
+                         f"| {fmt(ceiling * 100 if ceiling is not None else None, 1)} | {r['status']} |")
+        lines.append("")
+    lines += training_md(result) + data_md(result) + paper_md(result) + targets_md(result)
+    return "\n".join(lines) + "\n"
+
+
+def training_md(result: dict) -> list[str]:
+    if "training" not in result:
+        return []
+    lines = ["## Training throughput (forward + loss + backward + AdamW step)", "",
+             "| method | size | batch | images/s | step p50 ms | AMP | status |", "|---|---:|---:|---:|---:|---|---|"]
+    lines += [f"| {r['method']} | {r['image_size']} | {r['batch']} | {fmt(r.get('images_per_s'))} | {fmt(r.get('p50_ms'))} "
+              f"| {r.get('amp', '–')} | {r['status']} |" for r in result["training"]]
+    return [*lines, ""]
+
+
+def data_md(result: dict) -> list[str]:
+    if "data" not in result:
+        return []
+    d = result["data"]
+    lines = [f"## Data loading ({d['source']}; {d['image_size']} px, batch {d['batch']})", "",
+             f"Building the uint8 cache (decode + resize + write): {d['cache_build_images_per_s']:.1f} images/s; "
+             f"reading it back: {d['cache_load_images_per_s']:.0f} images/s.", "",
+             "| pipeline | images/s | status |", "|---|---:|---|"]
+    lines += [f"| {r['pipeline']} | {fmt(r.get('images_per_s'), 1)} | {r['status']} |" for r in d["rows"]]
+    if d.get("keeps_up"):
+        lines += ["", "Loader vs training (best CPU loader with `basic` augmentation / training images/s):", "",
+                  "| method | batch | training images/s | loader images/s | loader / training |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k['method']} | {k['batch']} | {fmt(k['train_images_per_s'])} | {fmt(k['loader_images_per_s'], 1)} "
+                  f"| {fmt(k['ratio'])} |" for k in d["keeps_up"]]
+    return [*lines, ""]
+
+
+def paper_md(result: dict) -> list[str]:
+    if "paper_ic_polypseg" not in result:
+        return []
+    p = result["paper_ic_polypseg"]
+    if "status" in p:
+        return ["## Paper profile: IC-PolypSeg-EF0, PraNet protocol", "", p["status"], ""]
+    return ["## Paper profile: IC-PolypSeg-EF0, PraNet protocol (352 px, batch 16, multiscale, 100 epochs)", "",
+            f"Data: {p['data']}; full train set {p['train']} images, val {p['val']}.",
+            f"Timed {p['epochs_timed']} epoch(s) on {p['train_items_timed']} train + {p['val_items_timed']} val images "
+            f"through `polypflow.training.fit`: epoch times {', '.join(f'{s:.1f}' for s in p['epoch_s'])} s.",
+            f"Estimated full epoch: {p['full_epoch_s_estimate']:.1f} s; **100 epochs ≈ {p['extrapolated_100_epochs_min']:.1f} min** "
+            f"({p['method_of_extrapolation']}).", ""]
+
+
+def targets_md(result: dict) -> list[str]:
+    if not result.get("targets"):
+        return []
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['met']} |" for t in result["targets"]]
+    return [*lines, ""]
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    """The issue's targets, judged only where this device can judge them."""
+    cuda, rows, out = result["meta"]["device"].startswith("cuda"), result.get("inference", []), []
+    ok = [r for r in rows if r["status"] == "ok"]
+    ic = [r for r in ok if r["method"] == "ic_polypseg" and r["batch"] == 1]
+    if ic:
+        best = max(ic, key=lambda r: r["fps"])
+        where = "" if cuda else " (CPU run: the target is for H100)"
+        out.append({"target": "EF0-class >= 1000 FPS at batch 1 on H100", "measured":
+                    f"{best['fps']:.1f} FPS ({best['backend']}){where}", "met": best["fps"] >= 1000 if cuda else "n/a"})
+        out.append({"target": "EF0-class >= 3x PyTorch eager on H100", "measured":
+                    f"{best.get('speedup_vs_eager', 0):.2f}x ({best['backend']}){where}",
+                    "met": best.get("speedup_vs_eager", 0) >= 3 if cuda else "n/a"})
+    if not cuda:
+        for r in (r for r in ok if r["backend"] in ("ort_cpu", "ort_cpu_int8") and "latency_vs_eager" in r):
+            precision = " int8" if r["backend"] == "ort_cpu_int8" else ""
+            out.append({"target": f"ORT CPU{precision} latency <= 0.5x eager ({r['method']}, batch {r['batch']})",
+                        "measured": f"{r['latency_vs_eager']:.2f}x", "met": r["latency_vs_eager"] <= 0.5})
+    paper = result.get("paper_ic_polypseg", {})
+    if "extrapolated_100_epochs_min" in paper:
+        out.append({"target": "paper training of EF0 <= 10 min on H100", "measured":
+                    f"{paper['extrapolated_100_epochs_min']:.1f} min (extrapolated)", "met":
+                    paper["extrapolated_100_epochs_min"] <= 10 if cuda else "n/a"})
+    return out
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result["targets"] = evaluate_targets(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "bench.md").write_text(markdown(result))
