@@ -23,11 +23,12 @@ from benchmarks.bench.common import Setup, failure
 from benchmarks.bench.device import device_info, probe_device
 from benchmarks.bench.inference import bench_method
 from benchmarks.bench.loading import bench_data, keeps_up
-from benchmarks.bench.methods import method_kwargs
+from benchmarks.bench.methods import method_kwargs, method_recipe
 from benchmarks.bench.paper import bench_paper
 from benchmarks.bench.report import markdown, write
 from benchmarks.bench.throughput import bench_training
 from models import list_methods
+from polypflow.training import resolve_device
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,9 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_setup(args: argparse.Namespace, workdir: Path) -> Setup:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but no CUDA device is available")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(args.device)  # the trainer's rule: auto = CUDA when present
+    except RuntimeError:
+        raise SystemExit("--device cuda, but no CUDA device is available") from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp = torch.float16 if args.amp_dtype == "fp16" else torch.bfloat16
@@ -139,9 +141,9 @@ def run_sections(args: argparse.Namespace, params: Any | None, setup: Setup, res
             result["inference"] += rows
             write(result, args.out)
     if not args.skip_train:
-        loss_of = lambda m: params.recipe(m).loss if params is not None and m in params.methods else "bce_dice"  # noqa: E731
+        recipe_of = lambda m, batch: method_recipe(m, params, args.image_size, batch)  # noqa: E731
         batches = [2] if args.quick else args.train_batches
-        result["training"] = bench_training(args.train_methods or methods, kwargs_of, loss_of, args.image_size,
+        result["training"] = bench_training(args.train_methods or methods, kwargs_of, recipe_of, args.image_size,
                                             batches, setup)
         write(result, args.out)
     if not args.skip_data:

@@ -57,11 +57,20 @@ def markdown(result: dict) -> str:
 def training_md(result: dict) -> list[str]:
     if "training" not in result:
         return []
-    lines = ["## Training throughput (forward + loss + backward + AdamW step)", "",
-             "| method | size | batch | images/s | step p50 ms | AMP | status |", "|---|---:|---:|---:|---:|---|---|"]
+    lines = ["## Training throughput (the trainer's step: forward + loss + backward + optimiser step)", "",
+             "| method | size | batch | images/s | step p50 ms | AMP | recipe | status |",
+             "|---|---:|---:|---:|---:|---|---|---|"]
     lines += [f"| {r['method']} | {r['image_size']} | {r['batch']} | {fmt(r.get('images_per_s'))} | {fmt(r.get('p50_ms'))} "
-              f"| {r.get('amp', '–')} | {r['status']} |" for r in result["training"]]
+              f"| {r.get('amp', '–')} | {recipe_md(r)} | {r['status']} |" for r in result["training"]]
     return [*lines, ""]
+
+
+def recipe_md(row: dict) -> str:
+    """Where a training row's recipe came from, and its optimiser and loss."""
+    if "optimizer" not in row:
+        return row.get("recipe", "–")
+    layout = "channels-last" if row["channels_last"] else "NCHW"
+    return f"{row['recipe']}: {row['optimizer']}, {row['loss']}, {layout}"
 
 
 def data_md(result: dict) -> list[str]:

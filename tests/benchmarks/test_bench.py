@@ -54,6 +54,7 @@ def test_training_data_and_report(quick_result):
     result, md = quick_result
     (train,) = result["training"]
     assert train["status"] == "ok" and train["images_per_s"] > 0
+    assert train["recipe"] == "fallback" and train["optimizer"] == "adamw" and train["channels_last"] is True
     import torch
 
     from polypflow.training import bf16_pays
