@@ -24,7 +24,7 @@ from benchmarks.bench.device import device_info, probe_device
 from benchmarks.bench.inference import bench_method
 from benchmarks.bench.loading import bench_data, keeps_up
 from benchmarks.bench.methods import method_kwargs, method_recipe
-from benchmarks.bench.paper import bench_paper
+from benchmarks.bench.paper import PAPER_PROFILE, bench_paper
 from benchmarks.bench.report import markdown, write
 from benchmarks.bench.throughput import bench_training
 from models import list_methods
@@ -62,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--paper-ic-polypseg", action="store_true", help="time IC-PolypSeg-EF0 paper training (only this, "
                    "unless other sections are asked for with --with-sections)")
+    p.add_argument("--paper-profile", type=Path, default=PAPER_PROFILE,
+                   help="the profile whose methods.ic_polypseg_ef0 the paper timing trains")
     p.add_argument("--paper-epochs", type=int, default=1)
     p.add_argument("--paper-items", type=int, help="train images timed per epoch (default: all on CUDA, 32 on CPU)")
     p.add_argument("--with-sections", action="store_true", help="with --paper-ic-polypseg, also run the other sections")
@@ -110,9 +112,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
             run_sections(args, params, setup, result)
         if args.paper_ic_polypseg:
             items = args.paper_items or (None if setup.device.type == "cuda" else 32)
-            print("paper profile: IC-PolypSeg-EF0 ...", flush=True)
+            print(f"paper profile: IC-PolypSeg-EF0 from {args.paper_profile} ...", flush=True)
             try:
-                result["paper_ic_polypseg"] = bench_paper(params, args.paper_epochs, items, setup)
+                result["paper_ic_polypseg"] = bench_paper(params, args.paper_profile, args.paper_epochs, items, setup)
             except Exception as exc:
                 result["paper_ic_polypseg"] = {"status": failure(exc)}
         write(result, args.out)

@@ -96,12 +96,20 @@ def paper_md(result: dict) -> list[str]:
     p = result["paper_ic_polypseg"]
     if "status" in p:
         return ["## Paper profile: IC-PolypSeg-EF0, PraNet protocol", "", p["status"], ""]
-    return ["## Paper profile: IC-PolypSeg-EF0, PraNet protocol (352 px, batch 16, multiscale, 100 epochs)", "",
+    r, src = p["recipe"], p["settings"]
+    inherited = ", ".join(sorted(src["inherited"])) or "none"
+    return [f"## Paper profile: IC-PolypSeg-EF0, PraNet protocol ({r['image_size']} px, batch {r['batch_size']}, "
+            f"multiscale {r['multiscale']}, {r['epochs']} epochs)", "",
+            f"Settings: `methods.{src['entry']}` of `{src['file']}` over that file's `train.defaults` "
+            f"({src['arch']}, {r['optimizer']} lr {r['lr']:g}, {r['loss']} loss, augment {r['augment']}, "
+            f"scheduler {r['scheduler']}); keys the profile leaves unset ({inherited}) from {src['inherited_from']}. "
+            f"Built with {p['model']} instead of the profile's {src['profile_model']}: the timing does not depend "
+            f"on the weights.",
             f"Data: {p['data']}; full train set {p['train']} images, val {p['val']}.",
             f"Timed {p['epochs_timed']} epoch(s) on {p['train_items_timed']} train + {p['val_items_timed']} val images "
             f"through `polypflow.training.fit`: epoch times {', '.join(f'{s:.1f}' for s in p['epoch_s'])} s.",
-            f"Estimated full epoch: {p['full_epoch_s_estimate']:.1f} s; **100 epochs ≈ {p['extrapolated_100_epochs_min']:.1f} min** "
-            f"({p['method_of_extrapolation']}).", ""]
+            f"Estimated full epoch: {p['full_epoch_s_estimate']:.1f} s; **{p['epochs_full']} epochs ≈ "
+            f"{p['extrapolated_100_epochs_min']:.1f} min** ({p['method_of_extrapolation']}).", ""]
 
 
 def targets_md(result: dict) -> list[str]:
