@@ -3,7 +3,8 @@
 One module a section: ``common`` (the run's Setup, failures as data), ``device`` (device facts, GEMM probe),
 ``methods`` (the settings that build and train a registered architecture), ``inference`` (PyTorch and ONNX
 Runtime back-ends), ``throughput`` (training through the trainer's step), ``loading`` (data pipelines),
-``paper`` (paper-profile timing from ``profiles/paper.yaml``), ``report`` (bench.json, bench.md, targets), ``cli`` (the command line).
+``paper`` (paper-profile timing from ``profiles/paper.yaml``), ``targets`` and ``report`` (bench.json,
+bench.md), ``cli`` (the command line).
 """
 
 from benchmarks.bench.cli import run

@@ -1,4 +1,5 @@
-"""The report: ``bench.json`` and ``bench.md``, rewritten after every section, and the issue's targets."""
+"""The report: ``bench.json`` (every measurement, failures included) and ``bench.md`` (its tables), rewritten
+after every section so a run stopped early keeps what it measured."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-TARGETS = {
-    "ef0_fps_batch1_h100": 1000.0,
-    "ef0_speedup_vs_eager_h100": 3.0,
-    "ort_cpu_latency_vs_eager_cpu": 0.5,
-    "paper_training_minutes_h100": 10.0,
-}
+from benchmarks.bench.targets import evaluate_targets
+
+
+def write(result: dict, out: Path) -> None:
+    """Judge the targets, then write ``bench.json`` and ``bench.md`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    result["targets"] = evaluate_targets(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "bench.md").write_text(markdown(result))
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -118,36 +122,3 @@ def targets_md(result: dict) -> list[str]:
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['met']} |" for t in result["targets"]]
     return [*lines, ""]
-
-
-def evaluate_targets(result: dict) -> list[dict]:
-    """The issue's targets, judged only where this device can judge them."""
-    cuda, rows, out = result["meta"]["device"].startswith("cuda"), result.get("inference", []), []
-    ok = [r for r in rows if r["status"] == "ok"]
-    ic = [r for r in ok if r["method"] == "ic_polypseg" and r["batch"] == 1]
-    if ic:
-        best = max(ic, key=lambda r: r["fps"])
-        where = "" if cuda else " (CPU run: the target is for H100)"
-        out.append({"target": "EF0-class >= 1000 FPS at batch 1 on H100", "measured":
-                    f"{best['fps']:.1f} FPS ({best['backend']}){where}", "met": best["fps"] >= 1000 if cuda else "n/a"})
-        out.append({"target": "EF0-class >= 3x PyTorch eager on H100", "measured":
-                    f"{best.get('speedup_vs_eager', 0):.2f}x ({best['backend']}){where}",
-                    "met": best.get("speedup_vs_eager", 0) >= 3 if cuda else "n/a"})
-    if not cuda:
-        for r in (r for r in ok if r["backend"] in ("ort_cpu", "ort_cpu_int8") and "latency_vs_eager" in r):
-            precision = " int8" if r["backend"] == "ort_cpu_int8" else ""
-            out.append({"target": f"ORT CPU{precision} latency <= 0.5x eager ({r['method']}, batch {r['batch']})",
-                        "measured": f"{r['latency_vs_eager']:.2f}x", "met": r["latency_vs_eager"] <= 0.5})
-    paper = result.get("paper_ic_polypseg", {})
-    if "extrapolated_100_epochs_min" in paper:
-        out.append({"target": "paper training of EF0 <= 10 min on H100", "measured":
-                    f"{paper['extrapolated_100_epochs_min']:.1f} min (extrapolated)", "met":
-                    paper["extrapolated_100_epochs_min"] <= 10 if cuda else "n/a"})
-    return out
-
-
-def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    result["targets"] = evaluate_targets(result)
-    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "bench.md").write_text(markdown(result))

@@ -152,3 +152,16 @@ def test_paper_timing_fits_the_profiles_model_and_recipe(tmp_path, monkeypatch):
     assert len(report["epoch_s"]) == 2 and report["full_epoch_s_estimate"] == pytest.approx(report["epoch_s"][-1] * 10)
     md = "\n".join(paper_md({"paper_ic_polypseg": report}))
     assert "`methods.ic_polypseg_ef0` of `" + str(PROFILE) + "`" in md and f"**{settings.recipe.epochs} epochs" in md
+
+
+def test_targets_are_judged_from_the_one_table():
+    from benchmarks.bench.targets import evaluate_targets
+
+    row = {"method": "ic_polypseg", "batch": 1, "backend": "compile", "status": "ok", "fps": 1200.0, "speedup_vs_eager": 2.5}
+    result = {"meta": {"device": "cuda:0"}, "inference": [row], "paper_ic_polypseg": {"extrapolated_100_epochs_min": 9.0}}
+    assert [(t["target"], t["met"]) for t in evaluate_targets(result)] == [
+        ("EF0-class >= 1000 FPS at batch 1 on H100", True), ("EF0-class >= 3x PyTorch eager on H100", False),
+        ("paper training of EF0 <= 10 min on H100", True)]
+    cpu = {"meta": {"device": "cpu"}, "inference": [{**row, "backend": "ort_cpu_int8", "latency_vs_eager": 0.4}]}
+    assert [(t["target"], t["met"]) for t in evaluate_targets(cpu)][-1] == (
+        "ORT CPU int8 latency <= 0.5x eager (ic_polypseg, batch 1)", True)
