@@ -27,7 +27,8 @@ PAPER_PROFILE = Path("profiles/paper.yaml")
 PAPER_ENTRY = "ic_polypseg_ef0"      # IC-PolypSeg-EF0, the paper's configuration
 PAPER_ARCH = "ic_polypseg"           # the entry's architecture where the overlay does not name it
 PAPER_SEED = 42
-PRANET_FULL = {"train": 1318, "val": 149}  # data/splits.json of the PraNet protocol (seed 42), used without it
+# Without a usable params.yaml: PraNet's training lists (Kvasir-SEG 900 + CVC-ClinicDB 550), 10 % of each to val
+PRANET_TRAIN, VAL_FRACTION = {"kvasir": 900, "clinicdb": 550}, 0.1
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,16 @@ def paper_settings(profile: Path, params: Any | None, entry: str = PAPER_ENTRY) 
                          recipe, inherited, source)
 
 
+def protocol_sizes(params: Any | None) -> dict[str, int]:
+    """Train/val sizes of the PraNet protocol (``split.pranet_train``, ``val_fraction_of_train`` of each
+    dataset), for the synthetic stand-in when the split itself is absent."""
+    sizes, fraction = PRANET_TRAIN, VAL_FRACTION
+    if params is not None:
+        sizes, fraction = params.split.pranet_train, params.split.val_fraction_of_train
+    val = sum(round(fraction * n) for n in sizes.values())
+    return {"train": sum(sizes.values()) - val, "val": val}
+
+
 def paper_data(params: Any | None, items: int | None, seed: int, size: int) -> tuple[ImageSet, ImageSet, dict]:
     """Train/val subsets of the PraNet split at ``size`` px from the project's cache, else synthetic arrays."""
     rng = np.random.default_rng(seed)
@@ -80,7 +91,7 @@ def paper_data(params: Any | None, items: int | None, seed: int, size: int) -> t
         load = lambda k: load_image_set(facts, k, size, params.validate_.mask_threshold, params.paths.cache)  # noqa: E731
         return load(keys["train"]), load(keys["val"]), {"data": f"real: {params.paths.splits} ({splits['scheme']})", **full}
     except Exception as exc:  # no params/splits/raw files on this machine: the timing does not depend on pixels
-        full = dict(PRANET_FULL)
+        full = protocol_sizes(params)
         n_train = min(items or full["train"], full["train"])
         n_val = max(1, round(n_train * full["val"] / full["train"]))
         make = lambda n: ImageSet([f"s/{i}" for i in range(n)],  # noqa: E731

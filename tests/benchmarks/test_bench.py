@@ -165,3 +165,12 @@ def test_targets_are_judged_from_the_one_table():
     cpu = {"meta": {"device": "cpu"}, "inference": [{**row, "backend": "ort_cpu_int8", "latency_vs_eager": 0.4}]}
     assert [(t["target"], t["met"]) for t in evaluate_targets(cpu)][-1] == (
         "ORT CPU int8 latency <= 0.5x eager (ic_polypseg, batch 1)", True)
+
+
+def test_synthetic_paper_data_has_the_protocols_sizes():
+    assert paper.protocol_sizes(None) == {"train": 1305, "val": 145}  # PraNet: 900 + 550 train+val, 10 % val each
+    split = SimpleNamespace(pranet_train={"kvasir": 100, "clinicdb": 50}, val_fraction_of_train=0.2)
+    assert paper.protocol_sizes(SimpleNamespace(split=split)) == {"train": 120, "val": 30}
+    train, val, report = paper.paper_data(None, 8, seed=0, size=32)
+    assert (len(train.keys), len(val.keys), train.images.shape[1:]) == (8, 1, (32, 32, 3))
+    assert report["data"].startswith("synthetic") and (report["train"], report["val"]) == (1305, 145)
