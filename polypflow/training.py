@@ -145,6 +145,24 @@ def _rescale(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tens
     return x, y
 
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+               recipe: Recipe, amp: bool, epoch: int) -> torch.Tensor:
+    """One optimisation step on a batch already on the device: channels-last input if the recipe says so,
+    forward under bf16 autocast when ``amp`` (:func:`amp_enabled`), loss in fp32, backward, optimiser step.
+    Returns the (detached) loss; a non-finite loss raises before the weights change."""
+    if recipe.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(x)
+    loss = loss_fn(tuple(o.float() for o in outputs), y, epoch)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}")
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_epoch(model, loader, loss_fn, optimizer, recipe: Recipe, device, epoch: int) -> float:
     model.train()
     rng = np.random.default_rng(epoch)
@@ -152,16 +170,7 @@ def train_epoch(model, loader, loss_fn, optimizer, recipe: Recipe, device, epoch
     amp = amp_enabled(recipe, device)
     for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
         x, y = _rescale(x.to(device), y.to(device), float(rng.choice(recipe.multiscale)))
-        if recipe.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(x)
-        loss = loss_fn(tuple(o.float() for o in outputs), y, epoch)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}")
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, x, y, loss_fn, optimizer, recipe, amp, epoch)
         total += loss.item() * len(x)
         count += len(x)
     return total / max(count, 1)

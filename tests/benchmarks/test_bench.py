@@ -1,12 +1,25 @@
-"""The benchmark in --quick mode on one tiny method: JSON schema, sane values, failures recorded not raised."""
+"""The benchmark in --quick mode on one tiny method: JSON schema, sane values, failures recorded not raised;
+the paper timing trains the recipe profiles/paper.yaml sets."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
+import yaml
 
 from benchmarks import bench
+from benchmarks.bench import inference, paper
+from benchmarks.bench.common import Setup
+from benchmarks.bench.report import paper_md
+from polypflow.config import Recipe
+from polypflow.data import ImageSet
+
+PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "paper.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +30,7 @@ def quick_result(tmp_path_factory):
     def broken_fp16(src, dst):
         raise RuntimeError("no fp16 today")
 
-    mp.setattr(bench, "fp16_onnx", broken_fp16)  # one back-end fails: it must be recorded, not raised
+    mp.setattr(inference, "fp16_onnx", broken_fp16)  # one back-end fails: it must be recorded, not raised
     try:
         bench.run(["--quick", "--methods", "fcn", "--image-size", "64", "--batches", "1", "--iterations", "2",
                    "--skip-compile", "--out", str(out), "--data-root", str(out / "absent"), "--params", str(out / "none.yaml")])
@@ -53,8 +66,7 @@ def test_training_data_and_report(quick_result):
     result, md = quick_result
     (train,) = result["training"]
     assert train["status"] == "ok" and train["images_per_s"] > 0
-    import torch
-
+    assert train["recipe"] == "fallback" and train["optimizer"] == "adamw" and train["channels_last"] is True
     from polypflow.training import bf16_pays
     assert train["amp"] == ("bf16" if bf16_pays(torch.device("cpu")) else "off")  # as the trainer trains here
     data = result["data"]
@@ -66,10 +78,8 @@ def test_training_data_and_report(quick_result):
 
 
 def test_int8_model_is_quantised_and_close_to_fp32(tmp_path):
-    import numpy as np
     import onnx
     import onnxruntime as ort
-    import torch
 
     from models import build_model, method_entry
     from polypflow.onnx_export import export_onnx
@@ -77,7 +87,7 @@ def test_int8_model_is_quantised_and_close_to_fp32(tmp_path):
     torch.manual_seed(0)
     model = build_model("fcn", **{**method_entry("fcn").test_kwargs, "pretrained": "none"}).eval()
     fp32 = export_onnx(model, tmp_path / "fcn.onnx", image_size=64)
-    int8 = bench.int8_onnx(fp32, tmp_path / "fcn-int8.onnx", size=64)
+    int8 = inference.int8_onnx(fp32, tmp_path / "fcn-int8.onnx", size=64)
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
@@ -87,3 +97,80 @@ def test_int8_model_is_quantised_and_close_to_fp32(tmp_path):
     assert int8_out.shape == fp32_out.shape
     assert np.corrcoef(fp32_out, int8_out)[0, 1] > 0.9   # the untrained model's map varies little: compare shapes
     assert np.abs(int8_out - fp32_out).max() < 0.5 * np.ptp(fp32_out)
+
+
+def profile_entry() -> tuple[dict, dict]:
+    data = yaml.safe_load(PROFILE.read_text())
+    return data, data["methods"][paper.PAPER_ENTRY]
+
+
+def test_paper_recipe_is_the_profiles_ic_polypseg_recipe():
+    data, spec = profile_entry()
+    settings = paper.paper_settings(PROFILE, None)
+    expected = {**data["train"]["defaults"], **spec["recipe"]}  # as Params.recipe merges: defaults, then the entry
+    recipe = settings.recipe.model_dump()
+    assert {k: recipe[k] for k in expected} == expected
+    assert set(settings.inherited) == set(recipe) - set(expected)
+    assert settings.entry == "ic_polypseg_ef0" and settings.arch == "ic_polypseg"
+    assert settings.kwargs == {**spec["model"], "pretrained": "none"} and settings.profile_model == spec["model"]
+
+
+def test_paper_recipe_takes_only_the_keys_the_profile_leaves_unset_from_params():
+    base = Recipe(image_size=64, epochs=3, batch_size=2, optimizer="sgd", lr=0.5, weight_decay=0.0, scheduler="cosine",
+                  loss="bce", augment="strong", normalize="half", early_stop_patience=1, amp=False)
+    settings = paper.paper_settings(PROFILE, SimpleNamespace(train=SimpleNamespace(defaults=base)))
+    data, spec = profile_entry()
+    assert settings.recipe.normalize == "half" and settings.recipe.amp is False        # unset in the profile
+    assert settings.recipe.epochs == data["train"]["defaults"]["epochs"] and settings.recipe.loss == spec["recipe"]["loss"]
+    assert settings.inherited["normalize"] == "half" and settings.inherited_from == "params.yaml train.defaults"
+
+
+def test_paper_timing_fits_the_profiles_model_and_recipe(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_fit(model, recipe, train, val, device, checkpoint, seed, on_epoch):
+        seen["recipe"] = recipe
+        for epoch in range(recipe.epochs):
+            on_epoch(epoch + 1, {})
+
+    def fake_data(params, items, seed, size):
+        seen["size"] = size
+        make = lambda n: ImageSet([f"s/{i}" for i in range(n)], np.zeros((n, 8, 8, 3), np.uint8),  # noqa: E731
+                                  np.zeros((n, 8, 8), np.uint8))
+        return make(items), make(1), {"data": "fake", "train": 40, "val": 4}
+
+    monkeypatch.setattr(paper, "fit", fake_fit)
+    monkeypatch.setattr(paper, "paper_data", fake_data)
+    monkeypatch.setattr(paper, "build_model", lambda arch, **kwargs: seen.update(arch=arch, kwargs=kwargs))
+    setup = Setup(torch.device("cpu"), torch.bfloat16, 0, 1, "default", tmp_path)
+    report = paper.bench_paper(None, PROFILE, 2, 4, setup)
+    settings = paper.paper_settings(PROFILE, None)
+    assert seen["recipe"].model_dump() == {**settings.recipe.model_dump(), "epochs": 2}
+    assert seen["size"] == settings.recipe.image_size and (seen["arch"], seen["kwargs"]) == (settings.arch, settings.kwargs)
+    assert report["recipe"] == settings.recipe.model_dump() and report["epochs_full"] == settings.recipe.epochs
+    assert report["settings"]["file"] == str(PROFILE) and report["settings"]["entry"] == "ic_polypseg_ef0"
+    assert len(report["epoch_s"]) == 2 and report["full_epoch_s_estimate"] == pytest.approx(report["epoch_s"][-1] * 10)
+    md = "\n".join(paper_md({"paper_ic_polypseg": report}))
+    assert "`methods.ic_polypseg_ef0` of `" + str(PROFILE) + "`" in md and f"**{settings.recipe.epochs} epochs" in md
+
+
+def test_targets_are_judged_from_the_one_table():
+    from benchmarks.bench.targets import evaluate_targets
+
+    row = {"method": "ic_polypseg", "batch": 1, "backend": "compile", "status": "ok", "fps": 1200.0, "speedup_vs_eager": 2.5}
+    result = {"meta": {"device": "cuda:0"}, "inference": [row], "paper_ic_polypseg": {"extrapolated_100_epochs_min": 9.0}}
+    assert [(t["target"], t["met"]) for t in evaluate_targets(result)] == [
+        ("EF0-class >= 1000 FPS at batch 1 on H100", True), ("EF0-class >= 3x PyTorch eager on H100", False),
+        ("paper training of EF0 <= 10 min on H100", True)]
+    cpu = {"meta": {"device": "cpu"}, "inference": [{**row, "backend": "ort_cpu_int8", "latency_vs_eager": 0.4}]}
+    assert [(t["target"], t["met"]) for t in evaluate_targets(cpu)][-1] == (
+        "ORT CPU int8 latency <= 0.5x eager (ic_polypseg, batch 1)", True)
+
+
+def test_synthetic_paper_data_has_the_protocols_sizes():
+    assert paper.protocol_sizes(None) == {"train": 1305, "val": 145}  # PraNet: 900 + 550 train+val, 10 % val each
+    split = SimpleNamespace(pranet_train={"kvasir": 100, "clinicdb": 50}, val_fraction_of_train=0.2)
+    assert paper.protocol_sizes(SimpleNamespace(split=split)) == {"train": 120, "val": 30}
+    train, val, report = paper.paper_data(None, 8, seed=0, size=32)
+    assert (len(train.keys), len(val.keys), train.images.shape[1:]) == (8, 1, (32, 32, 3))
+    assert report["data"].startswith("synthetic") and (report["train"], report["val"]) == (1305, 145)
