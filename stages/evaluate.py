@@ -27,11 +27,12 @@ import pandas as pd
 from polypflow import tracking
 from polypflow.config import Evaluate, Params
 from polypflow.data import load_image_set, read_image, read_mask
+from polypflow.inference import to_resolution, trained_predictor
 from polypflow.io import atomic_path, write_json, write_png
 from polypflow.metrics import MODEL_DICE, TOOLBOX_CURVES, LEVELS, score_image, summarize
 from polypflow.pipeline import by_image_key, model_dir, read_facts, read_json, read_splits, stage_dir
 from polypflow.predict import draw_overlay
-from polypflow.training import load_trained, predict_probs, resolve_device
+from polypflow.training import load_trained, resolve_device
 from stages._cli import method_main
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ def score_dataset(model, meta: dict, params: Params, facts: pd.DataFrame, keys: 
     size, threshold = meta["image_size"], params.validate_.mask_threshold
     data = load_image_set(facts, keys, size, threshold, params.paths.cache)
     device = resolve_device(params.device)
-    probs = predict_probs(model, data.images, meta["normalize"], device, params.evaluate.batch_size)
+    probs = trained_predictor(model, meta, device=device, batch_size=params.evaluate.batch_size).probs(data.images)
     pr_t, sweep_t = np.linspace(0, 1, params.evaluate.pr_points), sweep_thresholds(params.evaluate)
     rows, prs, sweeps, curves = [], [], [], {name: [] for name in TOOLBOX_CURVES}
     for key, prob, mask_path in zip(keys, probs, rows_of(facts, keys)["mask_path"], strict=True):
         gt = read_mask(mask_path, threshold)
-        full = np.clip(cv2.resize(prob, gt.shape[::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
+        full = to_resolution(prob, gt.shape)
         scores = score_image(full, gt, params.evaluate.threshold, meta["threshold"], pr_t, sweep_t)
         rows.append({"key": key, **scores.row})
         prs.append(scores.pr)
