@@ -6,8 +6,9 @@
 ``--model`` is an MLflow model URI (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
 ``runs:/<run>/model``), an ONNX file exported by ``export@<method>`` or a ``model.pt`` written by
 ``train@<method>``. Every one of them takes RGB in [0, 1] at the model's input size (read from the
-MLflow signature, the ONNX graph or the checkpoint) and returns the polyp probability. Each image is
-resized to that size, predicted, and the map resized back to the image's own resolution; pixels with
+MLflow model, the ONNX graph or the checkpoint) and returns the polyp probability. Each is run by
+:class:`polypflow.inference.Predictor`, the predictor evaluation and serving use: each image is resized to that
+size, predicted, and the map resized back to the image's own resolution; pixels with
 probability >= the threshold are polyp. The threshold is ``--threshold`` if given, else the registered
 version's ``threshold`` tag (MLflow registry URIs) or the checkpoint's, else 0.5. The MLflow store is
 ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``tracking.uri`` of ``./params.yaml``.
@@ -22,8 +23,7 @@ import argparse
 import logging
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from polypflow.data import read_image
+from polypflow.inference import OnnxBackend, Predictor, TorchBackend
 from polypflow.io import atomic_path, write_png
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 PRED_COLOUR, TRUTH_COLOUR = (255, 40, 40), (40, 255, 40)
 
 
-@dataclass
-class Segmenter:
-    """A model as a function: float32 N×3×S×S RGB in [0, 1] -> N×S×S probabilities."""
-
-    forward: Callable[[np.ndarray], np.ndarray]
-    image_size: int
-    threshold: float
-    source: str
-
-
-def onnx_segmenter(path: Path, threshold: float | None) -> Segmenter:
+def onnx_segmenter(path: Path, threshold: float | None) -> Predictor:
     from polypflow.onnx_export import onnx_session
 
     session = onnx_session(path)
@@ -56,29 +47,15 @@ def onnx_segmenter(path: Path, threshold: float | None) -> Segmenter:
     size = spec.shape[-1]
     if not isinstance(size, int):
         raise ValueError(f"{path}: the ONNX input has no fixed spatial size ({spec.shape})")
-    run = lambda x: session.run(None, {spec.name: x})[0][:, 0]  # noqa: E731
-    return Segmenter(run, size, 0.5 if threshold is None else threshold, str(path))
+    return Predictor(OnnxBackend(session), size, 0.5 if threshold is None else threshold, source=str(path))
 
 
-def torch_segmenter(head, size: int, threshold: float, source: str) -> Segmenter:
-    import torch
-
-    head = head.eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.from_numpy(x)).numpy()[:, 0]
-
-    return Segmenter(run, size, threshold, source)
-
-
-def checkpoint_segmenter(path: Path, threshold: float | None) -> Segmenter:
-    from polypflow.onnx_export import ProbabilityHead
+def checkpoint_segmenter(path: Path, threshold: float | None) -> Predictor:
+    from polypflow.inference import trained_predictor
     from polypflow.training import load_trained
 
     model, meta = load_trained(path)
-    head = ProbabilityHead(model, meta["mean"], meta["std"])
-    return torch_segmenter(head, meta["image_size"], meta["threshold"] if threshold is None else threshold, str(path))
+    return trained_predictor(model, meta, threshold, source=str(path))
 
 
 def registry_tags(uri: str) -> dict[str, str]:
@@ -94,21 +71,42 @@ def registry_tags(uri: str) -> dict[str, str]:
     return dict(version.tags)
 
 
-def mlflow_segmenter(uri: str, threshold: float | None) -> Segmenter:
+def legacy_torch_segmenter(uri: str, info, tags: dict[str, str], threshold: float | None) -> Predictor:
+    """A version logged before the pyfunc: a pickled ``ProbabilityHead`` (pytorch flavor, tensor signature)."""
     import mlflow
 
-    tags = registry_tags(uri)
+    from polypflow.onnx_export import ProbabilityHead
+
     head = mlflow.pytorch.load_model(uri, map_location="cpu")
-    signature = mlflow.models.get_model_info(uri).signature
-    size = signature.inputs.inputs[0].shape[-1] if signature is not None else int(tags.get("image_size", 0))
+    if not isinstance(head, ProbabilityHead):
+        raise ValueError(f"{uri}: a PyTorch model, but not polypflow's ({type(head).__name__})")
+    size = info.signature.inputs.inputs[0].shape[-1] if info.signature is not None else int(tags.get("image_size", 0))
     if not size or size < 0:
         raise ValueError(f"{uri}: no input size in the model signature or the version's tags")
+    backend = TorchBackend(head.model, (head.mean.flatten().tolist(), head.std.flatten().tolist()))
     chosen = threshold if threshold is not None else float(tags.get("threshold", 0.5))
-    return torch_segmenter(head, int(size), chosen, uri)
+    return Predictor(backend, int(size), chosen, source=uri)
 
 
-def load_segmenter(model: str, threshold: float | None = None) -> Segmenter:
-    """A :class:`Segmenter` for an ONNX file, a ``model.pt`` checkpoint or an MLflow model URI."""
+def mlflow_segmenter(uri: str, threshold: float | None) -> Predictor:
+    """The predictor of a logged :class:`polypflow.serving.PolypSegmenter` (or of an older pytorch-flavor model)."""
+    import mlflow
+
+    from polypflow.serving import PolypSegmenter
+
+    tags = registry_tags(uri)
+    info = mlflow.models.get_model_info(uri)
+    if "pytorch" in info.flavors:
+        return legacy_torch_segmenter(uri, info, tags, threshold)
+    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if not isinstance(model, PolypSegmenter):
+        raise ValueError(f"{uri}: not a polypflow model ({type(model).__name__})")
+    chosen = threshold if threshold is not None else float(tags.get("threshold", model.predictor.threshold))
+    return replace(model.predictor, threshold=chosen, source=uri)
+
+
+def load_segmenter(model: str, threshold: float | None = None) -> Predictor:
+    """The :class:`~polypflow.inference.Predictor` of an ONNX file, a ``model.pt`` checkpoint or an MLflow model URI."""
     path = Path(model)
     if model.endswith(".onnx"):
         return onnx_segmenter(path, threshold)
@@ -117,15 +115,6 @@ def load_segmenter(model: str, threshold: float | None = None) -> Segmenter:
     if "://" in model or model.startswith("models:/") or model.startswith("runs:/") or path.is_dir():
         return mlflow_segmenter(model, threshold)
     raise ValueError(f"--model {model!r}: expected an MLflow model URI, a .onnx file or a model.pt")
-
-
-def predict_image(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
-    """Probability map (float32 H×W in [0, 1]) of one uint8 RGB image at its own resolution."""
-    size = segmenter.image_size
-    small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    x = np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255
-    prob = segmenter.forward(x)[0].astype(np.float32)
-    return np.clip(cv2.resize(prob, image.shape[1::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
@@ -154,19 +143,19 @@ def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: fl
     files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"{input_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    segmenter = load_segmenter(model, threshold)
+    predictor = load_segmenter(model, threshold)
     rows = []
     for path in files:
         image = read_image(path)
-        prob = predict_image(segmenter, image)
-        pred = prob >= segmenter.threshold
+        prob = predictor.predict([image])[0]
+        pred = predictor.mask(prob)
         write_png(output_dir / "masks" / f"{path.stem}.png", pred.astype(np.uint8) * 255)
         write_png(output_dir / "overlays" / f"{path.stem}.png", draw_overlay(image, pred))
         rows.append({"image": path.name, "polyp_fraction": float(pred.mean()), "max_probability": float(prob.max())})
     table = pd.DataFrame(rows)
     with atomic_path(output_dir / "predictions.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
-    log.info("%d images segmented with %s (threshold %.3f) -> %s", len(rows), segmenter.source, segmenter.threshold, output_dir)
+    log.info("%d images segmented with %s (threshold %.3f) -> %s", len(rows), predictor.source, predictor.threshold, output_dir)
     return table
 
 

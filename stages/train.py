@@ -18,14 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-import models
 from models import build_model
-from polypflow import onnx_export, tracking
-from polypflow.config import Params, Recipe, load_params
+from polypflow import tracking
+from polypflow.config import Params, Recipe, Validate, load_params
 from polypflow.data import NORMALIZATION, load_image_set
+from polypflow.inference import SizeLimits
 from polypflow.io import atomic_path, write_json
 from polypflow.metrics import dice_batch
-from polypflow.onnx_export import ProbabilityHead
 from polypflow.pipeline import checkpoint_dir, method_arch, model_dir, read_facts, read_splits
 from polypflow.training import (FitResult, fit, load_checkpoint, predict_probs, resolve_device, save_trained,
                                 seed_everything)
@@ -78,23 +77,13 @@ def val_per_image(params: Params, model: torch.nn.Module, keys: list[str], recip
                      dtype=float)
 
 
-def log_model(model: torch.nn.Module, meta: dict):
-    """Log the deployable graph (RGB in [0, 1] -> main-map probability) with an explicit signature."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+def log_model(model: torch.nn.Module, meta: dict, limits: Validate | None = None):
+    """Log the served model (:mod:`polypflow.serving`: the checkpoint behind the one predictor; a base64 image in,
+    its mask out), refusing images whose sides fall outside ``limits`` (``validate.min_side``/``max_side``)."""
+    from polypflow import serving
 
-    size = meta["image_size"]
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, size, size), "probability")]),
-    )
-    head = ProbabilityHead(model.cpu(), meta["mean"], meta["std"]).eval()
-    return mlflow.pytorch.log_model(
-        head, name="model", serialization_format="pickle", signature=signature,
-        code_paths=[str(Path(models.__file__).parent), str(Path(onnx_export.__file__).parent)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "segmentation-models-pytorch"],
-    )
+    bounds = SizeLimits(limits.min_side, limits.max_side) if limits is not None else SizeLimits()
+    return serving.log_model(model.cpu(), meta, bounds)
 
 
 def fit_checkpoint(params: Params, method: str, resume: bool = True,
@@ -137,7 +126,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                    "epochs_run": result.epochs_run, "threshold": result.threshold}
         mlflow.log_metrics({"best_val_dice": result.best_val_dice, "threshold": result.threshold})
         mlflow.log_text(history.to_csv(index=False), "history.csv")
-        info = log_model(model, meta)
+        info = log_model(model, meta, params.validate_)
         registry = {}
         if params.tracking.register_models:
             registry = tracking.register(info.model_uri, method, tags={**meta, "model_kwargs": json.dumps(kwargs)},

@@ -131,3 +131,37 @@ def test_registry_promotion_and_predict_from_champion(tmp_path, images, store):
     predict.main(["--model", "models:/polyp-segmenter@champion", "--input", str(folder), "--output", str(tmp_path / "o")])
     check_outputs(tmp_path / "o", expected)
     assert predict.load_segmenter("models:/red/1").threshold == 0.5  # the version's threshold tag
+
+
+# --- a served (pyfunc) model through the CLI ----------------------------------------------------------------
+
+def test_predict_from_a_pyfunc_version_equals_its_checkpoint(tmp_path, images, store):
+    from models import build_model
+    from polypflow import serving
+    from polypflow.inference import SizeLimits
+    from polypflow.training import save_trained
+
+    torch.manual_seed(0)
+    kwargs = {"encoder": "test_efficientnet", "pretrained": "none", "decoder_channels": [16, 16, 8, 8, 8]}
+    model = build_model("unet", **kwargs).eval()
+    meta = {"arch": "unet", "model_kwargs": kwargs, "image_size": 64, "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225], "threshold": 0.45}
+    import mlflow
+
+    with mlflow.start_run(experiment_id=store) as run:
+        info = serving.log_model(model, meta)
+    tracking.register(info.model_uri, "tiny", {"threshold": 0.45}, 0.5, run_id=run.info.run_id)
+    save_trained(tmp_path / "model.pt", model, **meta)
+
+    folder, _ = images
+    predict.main(["--model", "models:/tiny@champion", "--input", str(folder), "--output", str(tmp_path / "o")])
+    reference = predict.load_segmenter(str(tmp_path / "model.pt"))
+    unwrapped = mlflow.pyfunc.load_model("models:/tiny@champion").unwrap_python_model().predictor
+    assert reference.threshold == unwrapped.threshold == 0.45 and unwrapped.image_size == 64
+    served = mlflow.pyfunc.load_model("models:/tiny@champion", model_config={"min_side": 32}).unwrap_python_model()
+    assert served.limits == SizeLimits(32, 4096)  # what SERVING_MODEL_CONFIG does to `mlflow models serve`
+    for path in sorted(folder.glob("*.png")):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        expected = reference.predict([image])[0] >= 0.45
+        written = np.asarray(Image.open(tmp_path / "o" / "masks" / path.name))
+        np.testing.assert_array_equal(written, expected.astype(np.uint8) * 255)
