@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from polypflow.data import resize_image, to_tensor
@@ -56,6 +56,8 @@ def decode_image(data: bytes, limits: SizeLimits = SizeLimits()) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError("not a decodable image (no image format recognised)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's ways of saying "not an image"
         raise ImageError(f"not a decodable image ({exc})") from exc
 
