@@ -90,7 +90,7 @@ class Validate(Strict):
     max_ambiguous_fraction: float = Field(ge=0, le=1)
     min_mask_fraction: float = Field(ge=0, le=1)
     max_mask_fraction: float = Field(ge=0, le=1)
-    inverted_border_fraction: float = Field(ge=0, le=1)
+    inverted_border_fraction: float = Field(0.9, ge=0, le=1)
     min_side: int = Field(ge=1)
     max_side: int = Field(ge=1)
     max_duplicate_fraction_within: float = Field(ge=0, le=1)

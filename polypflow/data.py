@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,13 @@ class ImageSet:
         return ImageSet(list(keys), self.images[rows], self.masks[rows])
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """An RGB image at the model's input size ``size``×``size`` (area interpolation): the one rule for images."""
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
 def _resize_pair(image_path: str, mask_path: str, size: int, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    image = cv2.resize(read_image(image_path), (size, size), interpolation=cv2.INTER_AREA)
+    image = resize_image(read_image(image_path), size)
     mask = cv2.resize(read_mask(mask_path, threshold), (size, size), interpolation=cv2.INTER_NEAREST)
     return image, mask
 
@@ -108,9 +114,10 @@ def augmentation(kind: str) -> A.Compose | None:
     return A.Compose(ops)
 
 
-def to_tensor(images: np.ndarray, normalize: str) -> torch.Tensor:
-    """uint8 N×H×W×3 (or H×W×3) -> normalised float N×3×H×W (or 3×H×W)."""
-    mean, std = NORMALIZATION[normalize]
+def to_tensor(images: np.ndarray, normalize: str | tuple[Sequence[float], Sequence[float]]) -> torch.Tensor:
+    """uint8 N×H×W×3 (or H×W×3) -> normalised float N×3×H×W (or 3×H×W); ``normalize`` names an entry of
+    :data:`NORMALIZATION` or is its ``(mean, std)``."""
+    mean, std = NORMALIZATION[normalize] if isinstance(normalize, str) else normalize
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
     x = (x - torch.tensor(mean)) / torch.tensor(std)
     return x.movedim(-1, -3).contiguous()

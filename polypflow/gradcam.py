@@ -20,7 +20,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 from torch import nn
 
-from polypflow.data import to_tensor
+from polypflow.inference import Predictor, TorchBackend
 from polypflow.io import write_png
 
 Normalize = Literal["imagenet", "half"]
@@ -132,12 +132,11 @@ def gray(mask: np.ndarray) -> np.ndarray:
 def panel(model: nn.Module, image: np.ndarray, mask: np.ndarray | None, normalize: Normalize,
           target_layer: nn.Module, threshold: float) -> np.ndarray:
     """image | ground truth | prediction | Grad-CAM overlay, side by side (uint8 HxWx3)."""
-    tensor = to_tensor(image, normalize).unsqueeze(0).to(next(model.parameters()).device)
-    with torch.no_grad():
-        prob = torch.sigmoid(MainMap(model).eval()(tensor))[0, 0].cpu().numpy()
+    backend = TorchBackend(model, normalize, next(model.parameters()).device)
+    prob = Predictor(backend, image.shape[0]).probs(image[None])[0]
     prediction = (prob > threshold).astype(np.float32)
     truth = np.zeros_like(prediction) if mask is None else (mask > 0.5).astype(np.float32)
-    heat = gradcam_heatmap(model, tensor, target_layer)
+    heat = gradcam_heatmap(model, backend.tensor(image[None]), target_layer)
     return np.concatenate([image, gray(truth), gray(prediction), overlay(image, heat, prediction)], axis=1)
 
 

@@ -5,15 +5,21 @@
 
 ``--model`` is an MLflow model URI (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
 ``runs:/<run>/model``), an ONNX file exported by ``export@<method>`` or a ``model.pt`` written by
-``train@<method>``. Every one of them takes RGB in [0, 1] at the model's input size (read from the
-MLflow signature, the ONNX graph or the checkpoint) and returns the polyp probability. Each image is
-resized to that size, predicted, and the map resized back to the image's own resolution; pixels with
-probability >= the threshold are polyp. The threshold is ``--threshold`` if given, else the registered
-version's ``threshold`` tag (MLflow registry URIs) or the checkpoint's, else 0.5. The MLflow store is
-``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``tracking.uri`` of ``./params.yaml``.
+``train@<method>``. Each is run by :class:`polypflow.inference.Predictor`, the predictor evaluation and serving
+use: the image is resized to the model's input size, predicted, and the map resized back to the image's own
+resolution; pixels with probability >= the threshold are polyp. The threshold is ``--threshold`` if given, else
+the registered version's ``threshold`` tag (MLflow registry URIs) or the checkpoint's, else 0.5.
 
-Writes ``OUTPUT/masks/<stem>.png`` (0/255), ``OUTPUT/overlays/<stem>.png`` (prediction in red over the
-image, with its outline) and ``OUTPUT/predictions.csv`` (stem, polyp fraction, max probability).
+The MLflow store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``tracking.uri`` of the project's
+params.yaml (the first one found from the current folder upwards, else beside this package), relative paths
+taken from that project's folder. A store that does not exist is an error, never created.
+
+Images must decode, have 3 channels and sides within ``validate.min_side``..``validate.max_side`` of that
+params.yaml (64..4096 without one; ``--min-side``/``--max-side`` override): any other file is skipped with one
+line saying why. Writes ``OUTPUT/masks/<stem>.png`` (0/255), ``OUTPUT/overlays/<stem>.png`` (prediction in red
+over the image, with its outline), each file atomically, and at the end ``OUTPUT/predictions.csv`` (image,
+polyp fraction, max probability) of the images segmented. Exit status: 0 all segmented; 1 nothing done (a
+user error, one line); 3 done, but some files skipped.
 """
 
 from __future__ import annotations
@@ -22,33 +28,25 @@ import argparse
 import logging
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from polypflow.data import read_image
+from polypflow.config import Params, ParamsError, load_params
+from polypflow.inference import ImageError, OnnxBackend, Predictor, SizeLimits, TorchBackend, decode_image
 from polypflow.io import atomic_path, write_png
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 PRED_COLOUR, TRUTH_COLOUR = (255, 40, 40), (40, 255, 40)
+EXIT_ERROR, EXIT_SKIPPED = 1, 3
 
 
-@dataclass
-class Segmenter:
-    """A model as a function: float32 N×3×S×S RGB in [0, 1] -> N×S×S probabilities."""
-
-    forward: Callable[[np.ndarray], np.ndarray]
-    image_size: int
-    threshold: float
-    source: str
-
-
-def onnx_segmenter(path: Path, threshold: float | None) -> Segmenter:
+def onnx_segmenter(path: Path, threshold: float | None) -> Predictor:
     from polypflow.onnx_export import onnx_session
 
     session = onnx_session(path)
@@ -56,60 +54,91 @@ def onnx_segmenter(path: Path, threshold: float | None) -> Segmenter:
     size = spec.shape[-1]
     if not isinstance(size, int):
         raise ValueError(f"{path}: the ONNX input has no fixed spatial size ({spec.shape})")
-    run = lambda x: session.run(None, {spec.name: x})[0][:, 0]  # noqa: E731
-    return Segmenter(run, size, 0.5 if threshold is None else threshold, str(path))
+    return Predictor(OnnxBackend(session), size, 0.5 if threshold is None else threshold, source=str(path))
 
 
-def torch_segmenter(head, size: int, threshold: float, source: str) -> Segmenter:
-    import torch
-
-    head = head.eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.from_numpy(x)).numpy()[:, 0]
-
-    return Segmenter(run, size, threshold, source)
-
-
-def checkpoint_segmenter(path: Path, threshold: float | None) -> Segmenter:
-    from polypflow.onnx_export import ProbabilityHead
+def checkpoint_segmenter(path: Path, threshold: float | None) -> Predictor:
+    from polypflow.inference import trained_predictor
     from polypflow.training import load_trained
 
     model, meta = load_trained(path)
-    head = ProbabilityHead(model, meta["mean"], meta["std"])
-    return torch_segmenter(head, meta["image_size"], meta["threshold"] if threshold is None else threshold, str(path))
+    return trained_predictor(model, meta, threshold, source=str(path))
 
 
-def registry_tags(uri: str) -> dict[str, str]:
-    """Tags of the model version a ``models:/name@alias`` or ``models:/name/version`` URI names."""
+def registry_version(uri: str):
+    """The model version a ``models:/name@alias`` or ``models:/name/version`` URI names (None for other URIs);
+    a missing model, alias or version is a :class:`LookupError` saying what the store has instead."""
+    import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
     if not match:
-        return {}
+        return None
     name, alias, number = match.groups()
-    client = MlflowClient()
-    version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-    return dict(version.tags)
+    client, store = MlflowClient(), mlflow.get_tracking_uri()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = sorted(m.name for m in client.search_registered_models(max_results=200))
+        raise LookupError(f"{uri}: no registered model {name!r} in {store} "
+                          f"(registered: {', '.join(names) or 'none'})") from None
+    number = registered.aliases.get(alias) if alias else number
+    if number is None:
+        raise LookupError(f"{uri}: model {name!r} has no alias {alias!r} "
+                          f"(aliases: {', '.join(sorted(registered.aliases)) or 'none'})")
+    try:
+        return client.get_model_version(name, str(number))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise LookupError(f"{uri}: model {name!r} has no version {number} "
+                          f"(versions: {', '.join(map(str, versions)) or 'none'})") from None
 
 
-def mlflow_segmenter(uri: str, threshold: float | None) -> Segmenter:
+def legacy_torch_segmenter(uri: str, info, tags: dict[str, str], threshold: float | None) -> Predictor:
+    """A version logged before the pyfunc: a pickled ``ProbabilityHead`` (pytorch flavor, tensor signature)."""
     import mlflow
 
-    tags = registry_tags(uri)
+    from polypflow.onnx_export import ProbabilityHead
+
     head = mlflow.pytorch.load_model(uri, map_location="cpu")
-    signature = mlflow.models.get_model_info(uri).signature
-    size = signature.inputs.inputs[0].shape[-1] if signature is not None else int(tags.get("image_size", 0))
+    if not isinstance(head, ProbabilityHead):
+        raise ValueError(f"{uri}: a PyTorch model, but not polypflow's ({type(head).__name__})")
+    size = info.signature.inputs.inputs[0].shape[-1] if info.signature is not None else int(tags.get("image_size", 0))
     if not size or size < 0:
         raise ValueError(f"{uri}: no input size in the model signature or the version's tags")
+    backend = TorchBackend(head.model, (head.mean.flatten().tolist(), head.std.flatten().tolist()))
     chosen = threshold if threshold is not None else float(tags.get("threshold", 0.5))
-    return torch_segmenter(head, int(size), chosen, uri)
+    return Predictor(backend, int(size), chosen, source=uri)
 
 
-def load_segmenter(model: str, threshold: float | None = None) -> Segmenter:
-    """A :class:`Segmenter` for an ONNX file, a ``model.pt`` checkpoint or an MLflow model URI."""
+def mlflow_segmenter(uri: str, threshold: float | None) -> Predictor:
+    """The predictor of a logged :class:`polypflow.serving.PolypSegmenter` (or of an older pytorch-flavor model)."""
+    import mlflow
+
+    from polypflow.serving import PolypSegmenter
+
+    version = registry_version(uri)
+    tags = dict(version.tags) if version is not None else {}
+    info = mlflow.models.get_model_info(uri)
+    if "pytorch" in info.flavors:
+        return legacy_torch_segmenter(uri, info, tags, threshold)
+    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if not isinstance(model, PolypSegmenter):
+        raise ValueError(f"{uri}: not a polypflow model ({type(model).__name__})")
+    chosen = threshold if threshold is not None else float(tags.get("threshold", model.predictor.threshold))
+    return replace(model.predictor, threshold=chosen, source=uri)
+
+
+def load_segmenter(model: str, threshold: float | None = None) -> Predictor:
+    """The :class:`~polypflow.inference.Predictor` of an ONNX file, a ``model.pt`` checkpoint or an MLflow model URI."""
     path = Path(model)
+    if model.endswith((".onnx", ".pt")) and not path.is_file():
+        raise FileNotFoundError(f"--model {model}: no such file")
     if model.endswith(".onnx"):
         return onnx_segmenter(path, threshold)
     if model.endswith(".pt"):
@@ -117,15 +146,6 @@ def load_segmenter(model: str, threshold: float | None = None) -> Segmenter:
     if "://" in model or model.startswith("models:/") or model.startswith("runs:/") or path.is_dir():
         return mlflow_segmenter(model, threshold)
     raise ValueError(f"--model {model!r}: expected an MLflow model URI, a .onnx file or a model.pt")
-
-
-def predict_image(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
-    """Probability map (float32 H×W in [0, 1]) of one uint8 RGB image at its own resolution."""
-    size = segmenter.image_size
-    small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    x = np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255
-    prob = segmenter.forward(x)[0].astype(np.float32)
-    return np.clip(cv2.resize(prob, image.shape[1::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
@@ -148,53 +168,128 @@ def draw_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None =
     return out
 
 
-def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: float | None = None) -> pd.DataFrame:
-    """Segment every image in ``input_dir``; write masks, overlays and ``predictions.csv``."""
+def segment_file(predictor: Predictor, path: Path, output_dir: Path, limits: SizeLimits) -> dict:
+    """Mask and overlay of one image file, each written atomically; its row of ``predictions.csv``."""
+    image = decode_image(path.read_bytes(), limits)
+    prob = predictor.predict([image])[0]
+    pred = predictor.mask(prob)
+    write_png(output_dir / "masks" / f"{path.stem}.png", pred.astype(np.uint8) * 255)
+    write_png(output_dir / "overlays" / f"{path.stem}.png", draw_overlay(image, pred))
+    return {"image": path.name, "polyp_fraction": float(pred.mean()), "max_probability": float(prob.max())}
+
+
+def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: float | None = None,
+        limits: SizeLimits = SizeLimits()) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Segment every image in ``input_dir``; write masks, overlays and ``predictions.csv``. Returns the table and
+    the files skipped, each with the reason."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"--input {input_dir}: no such folder")
     files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"{input_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    segmenter = load_segmenter(model, threshold)
-    rows = []
+    predictor = load_segmenter(model, threshold)
+    rows, skipped = [], {}
     for path in files:
-        image = read_image(path)
-        prob = predict_image(segmenter, image)
-        pred = prob >= segmenter.threshold
-        write_png(output_dir / "masks" / f"{path.stem}.png", pred.astype(np.uint8) * 255)
-        write_png(output_dir / "overlays" / f"{path.stem}.png", draw_overlay(image, pred))
-        rows.append({"image": path.name, "polyp_fraction": float(pred.mean()), "max_probability": float(prob.max())})
-    table = pd.DataFrame(rows)
+        try:
+            rows.append(segment_file(predictor, path, output_dir, limits))
+        except (ImageError, OSError) as exc:
+            skipped[path.name] = str(exc)
+            log.warning("skipped %s: %s", path, exc)
+    table = pd.DataFrame(rows, columns=["image", "polyp_fraction", "max_probability"])
     with atomic_path(output_dir / "predictions.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
-    log.info("%d images segmented with %s (threshold %.3f) -> %s", len(rows), segmenter.source, segmenter.threshold, output_dir)
-    return table
+    log.info("%d of %d images segmented with %s (threshold %.3f) -> %s%s", len(rows), len(files), predictor.source,
+             predictor.threshold, output_dir, f"; {len(skipped)} skipped" if skipped else "")
+    return table, skipped
 
 
-def configure_tracking(uri: str | None, params_file: Path = Path("params.yaml")) -> None:
-    """MLflow store for registry URIs: the flag, else the environment, else ``params.yaml``."""
+def find_project(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding a params.yaml."""
+    return next((folder for folder in (start, *start.parents) if (folder / "params.yaml").is_file()), None)
+
+
+def project_params() -> tuple[Path, Params] | None:
+    """The project (its folder and params) around the current folder, else around this package."""
+    root = find_project(Path.cwd().resolve()) or find_project(Path(__file__).resolve().parent)
+    return (root, load_params(root / "params.yaml")) if root is not None else None
+
+
+def local_store(uri: str, root: Path | None = None) -> Path | None:
+    """The file or folder of a local MLflow store URI (relative ones against ``root``); None for a server."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+    elif uri.startswith("file:"):
+        path = Path(re.sub(r"^file:(//)?", "", uri))
+    elif "://" not in uri:
+        path = Path(uri)
+    else:
+        return None
+    return path if path.is_absolute() or root is None else root / path
+
+
+def configure_tracking(uri: str | None, project: tuple[Path, Params] | None) -> str:
+    """Point MLflow at the flag's store, else the environment's, else the project's; never create one."""
     import mlflow
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    elif not os.environ.get("MLFLOW_TRACKING_URI") and params_file.exists():
-        from polypflow.config import load_params
-        from polypflow.tracking import tracking_uri
+    root = None
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if project is None:
+            raise FileNotFoundError(f"no MLflow store: no params.yaml in {Path.cwd()} or above; "
+                                    "pass --tracking-uri or set MLFLOW_TRACKING_URI")
+        root, uri = project[0], project[1].tracking.uri
+    store = local_store(uri, root)
+    if store is not None and not store.exists():
+        where = f" (tracking.uri of {root / 'params.yaml'})" if root else ""
+        raise FileNotFoundError(f"no MLflow store at {store}{where}: train a model first (dvc repro), or pass "
+                                "--tracking-uri")
+    if store is not None and uri.startswith("sqlite:///"):
+        uri = f"sqlite:///{store}"
+    mlflow.set_tracking_uri(uri)
+    return uri
 
-        mlflow.set_tracking_uri(tracking_uri(load_params(params_file)))
+
+def size_limits(args: argparse.Namespace, project: tuple[Path, Params] | None) -> SizeLimits:
+    known = SizeLimits(project[1].validate_.min_side, project[1].validate_.max_side) if project else SizeLimits()
+    return SizeLimits(args.min_side or known.min_side, args.max_side or known.max_side)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Segment a folder of images: masks (PNG 0/255) and overlays.")
     p.add_argument("--model", required=True, help="models:/<name>@champion, models:/<name>/<v>, runs:/..., x.onnx, model.pt")
     p.add_argument("--input", required=True, type=Path, help="folder of images")
     p.add_argument("--output", required=True, type=Path, help="folder for masks/, overlays/, predictions.csv")
     p.add_argument("--threshold", type=float, default=None, help="default: the model's registered threshold, else 0.5")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else params.yaml)")
-    args = p.parse_args(argv)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else tracking.uri of the project's params.yaml)")
+    p.add_argument("--min-side", type=int, default=None, help="refuse smaller images (default: validate.min_side)")
+    p.add_argument("--max-side", type=int, default=None, help="refuse larger images (default: validate.max_side)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not (args.model.endswith((".onnx", ".pt"))):
-        configure_tracking(args.tracking_uri)
-    run(args.model, args.input, args.output, args.threshold)
+    try:
+        project = project_params()
+        if not args.model.endswith((".onnx", ".pt")):
+            configure_tracking(args.tracking_uri, project)
+        _, skipped = run(args.model, args.input, args.output, args.threshold, size_limits(args, project))
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(130)
+    except (ParamsError, LookupError, OSError, ValueError) as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow"):
+            raise
+        log.error("MLflow: %s", exc)
+        sys.exit(EXIT_ERROR)
+    if skipped:
+        log.error("%d file(s) skipped: %s", len(skipped), ", ".join(skipped))
+        sys.exit(EXIT_SKIPPED)
 
 
 if __name__ == "__main__":

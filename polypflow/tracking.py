@@ -251,9 +251,9 @@ def registered_with_weights(name: str, digest: str) -> Any:
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def register(model_uri: str, name: str, tags: dict[str, Any], score: float, val_scores: pd.Series | None,
-             scores_uri: str | None, run_id: str, promotion: Promotion | None = None, seed: int = 0,
-             global_name: str | None = None, score_key: str = "val_dice") -> dict:
+def register(model_uri: str, name: str, tags: dict[str, Any], score: float, val_scores: pd.Series | None = None,
+             scores_uri: str | None = None, run_id: str | None = None, promotion: Promotion | None = None,
+             seed: int = 0, global_name: str | None = None, score_key: str = "val_dice") -> dict:
     """Register ``model_uri`` under ``name`` (and under ``global_name``, the cross-method model).
 
     ``champion`` of each moves to the new version only when :func:`polypflow.stats.promotion_decision`
@@ -276,7 +276,7 @@ def register(model_uri: str, name: str, tags: dict[str, Any], score: float, val_
 
 def register_once(model_uri: str, name: str, tags: dict[str, Any], score: float, score_key: str,
                   val_scores: pd.Series | None, scores_uri: str | None, promotion: Promotion, seed: int,
-                  run_id: str, scope: str) -> dict:
+                  run_id: str | None, scope: str) -> dict:
     """:func:`register_one`, unless a version of ``name`` already holds these weights."""
     existing = registered_with_weights(name, str(tags[WEIGHTS_TAG])) if WEIGHTS_TAG in tags else None
     if existing is not None:

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from polypflow.config import Params, Recipe
-from polypflow.data import ImageSet, SegDataset, load_image_set, to_tensor
+from polypflow.data import ImageSet, SegDataset, load_image_set
+from polypflow.inference import Predictor, TorchBackend
 from polypflow.io import atomic_path
 from polypflow.layout import read_facts
 from polypflow.losses import build_loss
@@ -101,20 +102,11 @@ def save_checkpoint(path: Path, **state) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
 
 
-@torch.no_grad()
 def predict_probs(model: nn.Module, images: np.ndarray, normalize: str, device: torch.device,
                   batch_size: int = 16, channels_last: bool = False) -> np.ndarray:
-    """Main-map probabilities (N×S×S float32) for uint8 images N×S×S×3."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start:start + batch_size], normalize).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)[0]
-        out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:3]), np.float32)
+    """Main-map probabilities (N×S×S float32) for uint8 images N×S×S×3, by :class:`polypflow.inference.Predictor`."""
+    backend = TorchBackend(model, normalize, device, channels_last)
+    return Predictor(backend, images.shape[1], batch_size=batch_size).probs(images)
 
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)

@@ -29,11 +29,12 @@ from PIL import Image
 from polypflow import tracking
 from polypflow.config import Evaluate, ExternalMethod, Params
 from polypflow.data import by_image_key, load_image_set, read_image, read_mask
+from polypflow.inference import to_resolution, trained_predictor
 from polypflow.io import atomic_path, write_json, write_png
 from polypflow.metrics import MODEL_DICE, TOOLBOX_CURVES, LEVELS, score_image, summarize
 from polypflow.layout import MethodLayout, method_layout, read_facts, read_json, read_splits
 from polypflow.predict import draw_overlay
-from polypflow.training import load_trained, predict_probs, resolve_device
+from polypflow.training import load_trained, resolve_device
 from stages._cli import method_main
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,12 @@ ProbabilityMaps = Callable[[str, list[str]], tuple[list[str], Sequence[np.ndarra
 
 
 def model_maps(model, meta: dict, params: Params, facts: pd.DataFrame) -> ProbabilityMaps:
-    """A trained model's probability maps (at its input size) of a test set's images."""
-    device = resolve_device(params.device)
+    """A trained model's probability maps (at its input size) of a test set's images, by the one predictor."""
+    predictor = trained_predictor(model, meta, device=resolve_device(params.device), batch_size=params.evaluate.batch_size)
 
     def maps(dataset: str, keys: list[str]) -> tuple[list[str], np.ndarray]:
         data = load_image_set(facts, keys, meta["image_size"], params.validate_.mask_threshold, params.paths.cache)
-        return keys, predict_probs(model, data.images, meta["normalize"], device, params.evaluate.batch_size)
+        return keys, predictor.probs(data.images)
 
     return maps
 
@@ -104,8 +105,8 @@ def score_dataset(keys: list[str], probs: Sequence[np.ndarray], method_threshold
     rows, prs, sweeps, curves = [], [], [], {name: [] for name in TOOLBOX_CURVES}
     for key, prob, mask_path in zip(keys, probs, rows_of(facts, keys)["mask_path"], strict=True):
         gt = read_mask(mask_path, params.validate_.mask_threshold)
-        full = prob if prob.shape == gt.shape else cv2.resize(prob, gt.shape[::-1], interpolation=cv2.INTER_LINEAR)
-        scores = score_image(np.clip(full, 0, 1), gt, params.evaluate.threshold, method_threshold, pr_t, sweep_t)
+        scores = score_image(to_resolution(prob, gt.shape), gt, params.evaluate.threshold, method_threshold, pr_t,
+                             sweep_t)
         rows.append({"key": key, **scores.row})
         prs.append(scores.pr)
         sweeps.append(pd.DataFrame(scores.sweep))

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-import models
-from polypflow import onnx_export, tracking
-from polypflow.config import Params
+from polypflow import tracking
+from polypflow.config import Params, Validate
 from polypflow.data import NORMALIZATION, load_image_set
+from polypflow.inference import SizeLimits
 from polypflow.io import atomic_path, write_json
 from polypflow.layout import method_layout, read_facts, read_splits
 from polypflow.metrics import dice_batch
-from polypflow.onnx_export import ProbabilityHead
 from polypflow.training import (FitResult, MethodPlan, fit_plan, plan_method, predict_probs, resolve_device,
                                 save_trained)
 from stages._cli import main, parser, project_params
@@ -41,23 +38,13 @@ def val_per_image(params: Params, model: torch.nn.Module, plan: MethodPlan, thre
                      dtype=float)
 
 
-def log_model(model: torch.nn.Module, meta: dict):
-    """Log the deployable graph (RGB in [0, 1] -> main-map probability) with an explicit signature."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+def log_model(model: torch.nn.Module, meta: dict, limits: Validate | None = None):
+    """Log the served model (:mod:`polypflow.serving`: the checkpoint behind the one predictor; a base64 image in,
+    its mask out), refusing images whose sides fall outside ``limits`` (``validate.min_side``/``max_side``)."""
+    from polypflow import serving
 
-    size = meta["image_size"]
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, size, size), "probability")]),
-    )
-    head = ProbabilityHead(model.cpu(), meta["mean"], meta["std"]).eval()
-    return mlflow.pytorch.log_model(
-        head, name="model", serialization_format="pickle", signature=signature,
-        code_paths=[str(Path(models.__file__).parent), str(Path(onnx_export.__file__).parent)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "segmentation-models-pytorch"],
-    )
+    bounds = SizeLimits(limits.min_side, limits.max_side) if limits is not None else SizeLimits()
+    return serving.log_model(model.cpu(), meta, bounds)
 
 
 def training_plan(params: Params, method: str) -> MethodPlan:
@@ -102,7 +89,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         mlflow.log_text(history.to_csv(index=False), "history.csv")
         mlflow.log_text(val_scores.rename("dice").rename_axis("key").reset_index().to_csv(index=False),
                         tracking.VAL_SCORES_ARTIFACT)
-        info = log_model(model, meta)
+        info = log_model(model, meta, params.validate_)
     # local outputs only once MLflow holds the model: a failed upload leaves the previous outputs consistent
     save_trained(files.model, model, **meta)
     with atomic_path(files.val_scores, suffix=".csv") as tmp:

@@ -94,7 +94,7 @@ def test_training_logs_and_registers_on_the_shared_server(project, mlflow_server
 
     mlflow.set_tracking_uri(mlflow_server)
     model = Path(mlflow.artifacts.download_artifacts("models:/unet@champion", dst_path=str(tmp_path / "download")))
-    assert (model / "MLmodel").exists() and (model / "data" / "model.pth").exists()
+    assert (model / "MLmodel").exists() and (model / "artifacts" / "model.pt").exists()  # polypflow.serving
     assert list((tmp_path / "artifacts").rglob("MLmodel"))  # proxied into --artifacts-destination
 
     import psycopg2  # the rows are in PostgreSQL, not in a file store
