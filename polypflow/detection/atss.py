@@ -45,7 +45,8 @@ def candidates(centres: torch.Tensor, counts: tuple[int, ...], gt_boxes: torch.T
 def atss_assign(anchors: torch.Tensor, centres: torch.Tensor, counts: tuple[int, ...], gt_boxes: torch.Tensor,
                 topk: int = 13) -> Assignment:
     """Assign ``anchors`` (A×4, levels concatenated with ``counts`` per level; ``centres`` A×2) to
-    ``gt_boxes`` (G×4); G = 0 makes every anchor background."""
+    ``gt_boxes`` (G×4); G = 0 makes every anchor background. ``topk`` 13 is the EndoCV 2021 entry's
+    (METHODS.md section 3), ATSS's own default 9."""
     num_anchors, num_gt = len(anchors), len(gt_boxes)
     background = torch.full((num_anchors,), -1, dtype=torch.long, device=anchors.device)
     if num_gt == 0:

@@ -19,7 +19,7 @@ from polypflow.detection.data import DetectionDataset, collate_detection, image_
 from polypflow.detection.evaluate import coco_metrics
 from polypflow.detection.losses import GFLLoss, gfl_loss
 
-ATSS_TOPK = 13  # the ATSS paper's k
+ATSS_TOPK = 13  # the EndoCV 2021 entry's k (METHODS.md section 3); the ATSS paper's default is 9
 
 
 def detection_loss_terms(model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor],
