@@ -22,8 +22,8 @@ def synthetic(n: int) -> ImageSet:
 
 
 def test_tiny_detector_learns_the_synthetic_polyps():
-    """Measured: AP50 on the 8 training images 0.00 before, 1.00 after 20 Adam steps (batch 8, flips and
-    rot90), loss terms finite; bound 0.5."""
+    """AP50 on the 8 training images after 20 Adam steps (batch 8, flips and rot90) above 0.5 and above its
+    value before training; every step has positives and a finite loss."""
     torch.manual_seed(0)
     model = build_model("gfl_atss", pretrained="none", **method_entry("gfl_atss").test_kwargs)
     data, task, cpu = synthetic(8), DetectionTask(min_area=4), torch.device("cpu")
