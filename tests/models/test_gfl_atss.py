@@ -14,9 +14,9 @@ TINY = {**method_entry("gfl_atss").test_kwargs, "pretrained": "none"}
 def test_p3_to_p7_adds_two_coarser_levels():
     model = build_model("gfl_atss", **TINY, levels=5).eval()
     with torch.no_grad():
-        outputs = model(torch.rand(1, 3, 128, 128))
+        outputs = model(torch.rand(1, 3, 256, 256))  # P7 2 x 2 (the tiny head's GroupNorm needs > 1 value a group)
     assert model.strides == [8, 16, 32, 64, 128]
-    assert [tuple(s.shape[-2:]) for s in outputs.scores] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert [tuple(s.shape[-2:]) for s in outputs.scores] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
     with pytest.raises(ValueError, match="levels"):
         build_model("gfl_atss", **TINY, levels=4)
 
