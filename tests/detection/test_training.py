@@ -23,7 +23,7 @@ def synthetic(n: int) -> ImageSet:
 
 def test_tiny_detector_learns_the_synthetic_polyps():
     """AP50 on the 8 training images after 20 Adam steps (batch 8, flips and rot90) above 0.5 and above its
-    value before training; every step has positives and a finite loss."""
+    value before training (measured: 0.0 before, 1.0 after); every step has positives and a finite loss."""
     torch.manual_seed(0)
     model = build_model("gfl_atss", pretrained="none", **method_entry("gfl_atss").test_kwargs)
     data, task, cpu = synthetic(8), DetectionTask(min_area=4), torch.device("cpu")
