@@ -1,8 +1,10 @@
-"""The one registry of segmentation methods: snake_case name -> builder.
+"""The one registry of methods: snake_case name -> builder, each entry tagged with its task.
 
-Output contract shared by every method: ``forward(x)`` returns a tuple of logit maps at the input's
-spatial size, the main prediction first and any deep-supervision maps after. One trainer, one loss
-module and one exporter serve every method through this contract.
+Output contract shared by every segmentation method: ``forward(x)`` returns a tuple of logit maps at the
+input's spatial size, the main prediction first and any deep-supervision maps after. One trainer, one
+loss module and one exporter serve every method through this contract. Detection methods
+(``task="detection"``) return raw per-level head outputs instead and decode them to boxes themselves
+(see :mod:`models.gfl_atss`); callers branch on :func:`method_task`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 Builder = Callable[..., nn.Module]
+Task = Literal["segmentation", "detection"]
 
 
 @dataclass(frozen=True)
@@ -24,20 +27,23 @@ class MethodEntry:
     paper: str
     # kwargs that make a tiny, fast variant for the parametrised tests (64x64 inputs)
     test_kwargs: dict[str, Any] = field(default_factory=dict)
+    task: Task = "segmentation"
 
 
 _METHODS: dict[str, MethodEntry] = {}
 
 
 def register_method(
-    name: str, *, paper: str, test_kwargs: dict[str, Any] | None = None
+    name: str, *, paper: str, test_kwargs: dict[str, Any] | None = None, task: Task = "segmentation"
 ) -> Callable[[Builder], Builder]:
     """Register ``builder`` under ``name``; a second registration of the same name is an error."""
+    if task not in get_args(Task):
+        raise ValueError(f"method {name!r}: task must be one of {get_args(Task)}, got {task!r}")
 
     def decorate(builder: Builder) -> Builder:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = MethodEntry(name, builder, paper, dict(test_kwargs or {}))
+        _METHODS[name] = MethodEntry(name, builder, paper, dict(test_kwargs or {}), task)
         return builder
 
     return decorate
@@ -65,5 +71,11 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return method_entry(name).builder(**kwargs)
 
 
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
+def method_task(name: str) -> Task:
+    """``"segmentation"`` or ``"detection"``: what method ``name`` predicts."""
+    return method_entry(name).task
+
+
+def list_methods(task: Task | None = None) -> list[str]:
+    """Registered method names, all of them or those of one ``task``."""
+    return sorted(name for name, entry in _METHODS.items() if task is None or entry.task == task)

@@ -123,7 +123,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def run_sections(args: argparse.Namespace, params: Any | None, setup: Setup, result: dict) -> None:
-    methods = args.methods or list_methods()
+    methods = args.methods or list_methods("segmentation")  # the benchmark times segmenters only
     kwargs_of = lambda m: method_kwargs(m, params, args.quick)  # noqa: E731
     print("GEMM probe ...", flush=True)
     result["probe"] = probe_device(setup)

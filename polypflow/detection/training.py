@@ -1,0 +1,82 @@
+"""The detector's side of training: the loss of a batch, prediction, and the validation score (AP50).
+
+:class:`DetectionTask` bundles what a task-agnostic trainer needs (dataset, collate, loss of a batch,
+validation score of the model), so :func:`polypflow.training.fit` can train a detector through it; the
+functions below are usable on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from polypflow.data import ImageSet, to_tensor
+from polypflow.detection.atss import atss_assign
+from polypflow.detection.data import DetectionDataset, collate_detection, image_boxes
+from polypflow.detection.evaluate import coco_metrics
+from polypflow.detection.losses import GFLLoss, gfl_loss
+
+ATSS_TOPK = 13  # the EndoCV 2021 entry's k (METHODS.md section 3); the ATSS paper's default is 9
+
+
+def detection_loss_terms(model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor],
+                         topk: int = ATSS_TOPK) -> GFLLoss:
+    """GFLv2's loss terms for ``images`` (N×3×H×W, normalised) with ground truth ``boxes`` (per image K×4
+    pixels), anchors assigned by ATSS with ``topk`` candidates per level."""
+    outputs = model(images)
+    grid = model.anchors(outputs)
+    scores, logits = model.flatten(outputs)
+    boxes = [b.to(images.device, torch.float32) for b in boxes]
+    assignments = [atss_assign(grid.anchors, grid.centres, grid.counts, b, topk) for b in boxes]
+    return gfl_loss(scores.float(), logits.float(), grid, boxes, assignments)
+
+
+def detection_loss(model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor], topk: int = ATSS_TOPK) -> torch.Tensor:
+    """The total of :func:`detection_loss_terms`: what the optimiser minimises."""
+    return detection_loss_terms(model, images, boxes, topk).total
+
+
+@torch.no_grad()
+def predict_boxes(model: nn.Module, images: np.ndarray, normalize: str, device: torch.device, batch_size: int = 16,
+                  score_threshold: float = 0.05, nms_iou: float = 0.6, max_detections: int = 100) -> list:
+    """:class:`~models.gfl_atss.Detections` (on the CPU) for each uint8 image of ``images`` (N×H×W×3)."""
+    model.eval()
+    detections = []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size], normalize).to(device)
+        outputs = model(x)
+        outputs = type(outputs)(*(tuple(o.float() for o in part) for part in outputs))
+        found = model.decode(outputs, tuple(x.shape[-2:]), score_threshold, nms_iou, max_detections)
+        detections += [type(d)(d.boxes.cpu(), d.scores.cpu()) for d in found]
+    return detections
+
+
+def validation_ap50(model: nn.Module, images: np.ndarray, boxes: list[torch.Tensor], normalize: str = "imagenet",
+                    device: torch.device = torch.device("cpu")) -> float:
+    """COCO AP at IoU 0.5 of the model's detections on uint8 ``images`` against ``boxes``."""
+    return coco_metrics(predict_boxes(model, images, normalize, device), boxes).metrics["ap50"]
+
+
+@dataclass(frozen=True)
+class DetectionTask:
+    """A detector's training contract: ``min_area`` (pixels at the training size) for mask-derived boxes,
+    ``topk`` ATSS candidates per level; validation selects epochs on AP50."""
+
+    min_area: int = 0
+    topk: int = ATSS_TOPK
+
+    def dataset(self, data: ImageSet, normalize: str, augment: str) -> DetectionDataset:
+        return DetectionDataset(data, normalize, augment, self.min_area)
+
+    @staticmethod
+    def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return collate_detection(batch)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        return detection_loss(model, images, boxes, self.topk)
+
+    def validation_score(self, model: nn.Module, val: ImageSet, normalize: str, device: torch.device) -> float:
+        return validation_ap50(model, val.images, image_boxes(val.masks, self.min_area), normalize, device)
