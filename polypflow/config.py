@@ -44,6 +44,7 @@ class Tracking(Strict):
     experiment: str
     register_models: bool = True
     global_model: str = "polyp-segmenter"  # every method's versions also registered here; its champion is the best
+    global_detector: str = "polyp-detector"  # the same for detection methods
     promotion: Promotion = Promotion()
 
 
@@ -219,6 +220,19 @@ class Profile(Strict):
     threads: int | None = None
 
 
+class Detection(Strict):
+    """Detection methods (``task: detection``) and the boxes they are scored on: one box per connected component of a
+    mask of at least ``min_box_area`` pixels (at the mask's own resolution; smaller ones are specks)."""
+
+    min_box_area: int = Field(16, ge=0)
+    atss_topk: int = Field(13, ge=1)        # ATSS candidates per pyramid level (the EndoCV 2021 entry's 13)
+    score_threshold: float = Field(0.05, ge=0, lt=1)  # detections kept for COCO AP (and exported)
+    nms_iou: float = Field(0.6, gt=0, le=1)
+    max_detections: int = Field(100, ge=1)
+    match_score: float = Field(0.3, gt=0, lt=1)  # a box counts as found at this score: per-image F1, cases, predict
+    mask_boxes: bool = True                 # evaluate@<segmenter> also scores the boxes of its mask's components
+
+
 class Export(Strict):
     opset: int = Field(ge=17)
     atol: float = Field(gt=0)
@@ -264,6 +278,7 @@ class Params(Strict):
     evaluate: Evaluate
     profile: Profile
     export: Export
+    detection: Detection = Detection()
     schedule: Schedule
     fanout: Fanout = Fanout()
     report: Report = Report()

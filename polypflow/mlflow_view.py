@@ -2,8 +2,8 @@
 
 The runs of stage ``register`` (one per method, named after it) carry each method's figures. This stores a view of
 them with the UI's own sharing mechanism (experiment tag ``mlflow.sharedViewState.<key>``, opened by
-``?viewStateShareKey=<key>``): the runs filtered to those rows, sorted by validation Dice, with the test Dice and
-meanDic of every test set, validation Dice, latency and size as columns, where a user looks first.
+``?viewStateShareKey=<key>``): the runs filtered to those rows, sorted by validation Dice, with the test Dice,
+meanDic and box AP50 (detectors' boxes, segmenters' mask components) of every test set, validation Dice, latency and size as columns, where a user looks first.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ FIGURES = ["val_dice", "ort_p50_ms", "params_m", "gmacs_352"]
 
 def view_state(datasets: list[str]) -> dict:
     """The shared view: register runs only, sorted by validation Dice, the figures as columns."""
-    metrics = [f"test.{d}.{m}" for d in datasets for m in ("dice", "meanDic")] + FIGURES
+    metrics = [f"test.{d}.{m}" for d in datasets for m in ("dice", "meanDic", "box_ap50")] + FIGURES
     return {
         "searchFilter": "tags.`polypflow.stage` = 'register'",
         "orderByKey": "metrics.`val_dice`",

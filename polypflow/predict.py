@@ -1,4 +1,4 @@
-"""Segment a folder of images with a trained model: masks (PNG 0/255) and overlays.
+"""Segment a folder of images with a trained model: masks (PNG 0/255) and overlays; or, with a detector, boxes.
 
     python -m polypflow.predict --model models:/polyp-segmenter@champion --input DIR --output DIR
     python -m polypflow.predict --model artifacts/export/unet/model.onnx --input DIR --output DIR
@@ -20,6 +20,12 @@ line saying why. Writes ``OUTPUT/masks/<stem>.png`` (0/255), ``OUTPUT/overlays/<
 over the image, with its outline), each file atomically, and at the end ``OUTPUT/predictions.csv`` (image,
 polyp fraction, max probability) of the images segmented. Exit status: 0 all segmented; 1 nothing done (a
 user error, one line); 3 done, but some files skipped.
+
+A detection method's model (its ``model.pt`` or MLflow model; its ONNX graph leaves NMS to the caller) draws its
+boxes instead: ``OUTPUT/overlays/<stem>.png`` with every box scoring at least the threshold (``--threshold``, else
+the model's ``detection.match_score``) in red with its score, and ``predictions.csv`` (image, number of boxes,
+highest score, the boxes as JSON ``[[x1, y1, x2, y2, score], ...]`` in the image's pixels). A frame without a
+polyp gets no box, not an error.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ def onnx_segmenter(path: Path, threshold: float | None) -> Predictor:
     from polypflow.onnx_export import onnx_session
 
     session = onnx_session(path)
+    if len(session.get_outputs()) != 1:
+        raise ValueError(f"{path}: a detector's graph (boxes and scores before NMS); predict with its model.pt or "
+                         "its MLflow model, which run the NMS")
     spec = session.get_inputs()[0]
     size = spec.shape[-1]
     if not isinstance(size, int):
@@ -57,11 +66,16 @@ def onnx_segmenter(path: Path, threshold: float | None) -> Predictor:
     return Predictor(OnnxBackend(session), size, 0.5 if threshold is None else threshold, source=str(path))
 
 
-def checkpoint_segmenter(path: Path, threshold: float | None) -> Predictor:
+def checkpoint_segmenter(path: Path, threshold: float | None):
+    """The predictor of a ``model.pt``: a :class:`Predictor`, or a detector's ``BoxPredictor``."""
     from polypflow.inference import trained_predictor
     from polypflow.training import load_trained
 
     model, meta = load_trained(path)
+    if meta.get("task") == "detection":
+        from polypflow.detection.inference import trained_box_predictor
+
+        return trained_box_predictor(model, meta, threshold, source=str(path))
     return trained_predictor(model, meta, threshold, source=str(path))
 
 
@@ -116,11 +130,12 @@ def legacy_torch_segmenter(uri: str, info, tags: dict[str, str], threshold: floa
     return Predictor(backend, int(size), chosen, source=uri)
 
 
-def mlflow_segmenter(uri: str, threshold: float | None) -> Predictor:
-    """The predictor of a logged :class:`polypflow.serving.PolypSegmenter` (or of an older pytorch-flavor model)."""
+def mlflow_segmenter(uri: str, threshold: float | None):
+    """The predictor of a logged :class:`polypflow.serving.PolypSegmenter` (or of an older pytorch-flavor model),
+    or the box predictor of a :class:`polypflow.serving.PolypDetector`."""
     import mlflow
 
-    from polypflow.serving import PolypSegmenter
+    from polypflow.serving import PolypDetector, PolypSegmenter
 
     version = registry_version(uri)
     tags = dict(version.tags) if version is not None else {}
@@ -128,14 +143,18 @@ def mlflow_segmenter(uri: str, threshold: float | None) -> Predictor:
     if "pytorch" in info.flavors:
         return legacy_torch_segmenter(uri, info, tags, threshold)
     model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if isinstance(model, PolypDetector):
+        chosen = threshold if threshold is not None else float(tags.get("threshold", model.predictor.match_score))
+        return replace(model.predictor, match_score=chosen, source=uri)
     if not isinstance(model, PolypSegmenter):
         raise ValueError(f"{uri}: not a polypflow model ({type(model).__name__})")
     chosen = threshold if threshold is not None else float(tags.get("threshold", model.predictor.threshold))
     return replace(model.predictor, threshold=chosen, source=uri)
 
 
-def load_segmenter(model: str, threshold: float | None = None) -> Predictor:
-    """The :class:`~polypflow.inference.Predictor` of an ONNX file, a ``model.pt`` checkpoint or an MLflow model URI."""
+def load_segmenter(model: str, threshold: float | None = None):
+    """The :class:`~polypflow.inference.Predictor` of an ONNX file, a ``model.pt`` checkpoint or an MLflow model URI
+    (a detector's: its :class:`~polypflow.detection.inference.BoxPredictor`)."""
     path = Path(model)
     if model.endswith((".onnx", ".pt")) and not path.is_file():
         raise FileNotFoundError(f"--model {model}: no such file")
@@ -178,6 +197,24 @@ def segment_file(predictor: Predictor, path: Path, output_dir: Path, limits: Siz
     return {"image": path.name, "polyp_fraction": float(pred.mean()), "max_probability": float(prob.max())}
 
 
+def detect_file(predictor, path: Path, output_dir: Path, limits: SizeLimits) -> dict:
+    """A detector's boxes on one image file, drawn (overlay written atomically); its row of ``predictions.csv``."""
+    import json
+
+    import torch
+
+    from polypflow.detection.evaluate import draw_boxes
+
+    image = decode_image(path.read_bytes(), limits)
+    found = predictor.found(predictor.detect([image])[0])
+    write_png(output_dir / "overlays" / f"{path.stem}.png",
+              draw_boxes(image, torch.zeros(0, 4), found, predictor.match_score))
+    boxes = [[round(v, 2) for v in box] + [round(score, 4)]
+             for box, score in zip(found.boxes.tolist(), found.scores.tolist(), strict=True)]
+    return {"image": path.name, "n_boxes": len(boxes), "max_score": max((b[-1] for b in boxes), default=0.0),
+            "boxes": json.dumps(boxes)}
+
+
 def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: float | None = None,
         limits: SizeLimits = SizeLimits()) -> tuple[pd.DataFrame, dict[str, str]]:
     """Segment every image in ``input_dir``; write masks, overlays and ``predictions.csv``. Returns the table and
@@ -189,18 +226,23 @@ def run(model: str, input_dir: Path | str, output_dir: Path | str, threshold: fl
     if not files:
         raise FileNotFoundError(f"{input_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     predictor = load_segmenter(model, threshold)
+    detector = not isinstance(predictor, Predictor)
+    one_file, columns = ((detect_file, ["image", "n_boxes", "max_score", "boxes"]) if detector else
+                         (segment_file, ["image", "polyp_fraction", "max_probability"]))
     rows, skipped = [], {}
     for path in files:
         try:
-            rows.append(segment_file(predictor, path, output_dir, limits))
+            rows.append(one_file(predictor, path, output_dir, limits))
         except (ImageError, OSError) as exc:
             skipped[path.name] = str(exc)
             log.warning("skipped %s: %s", path, exc)
-    table = pd.DataFrame(rows, columns=["image", "polyp_fraction", "max_probability"])
+    table = pd.DataFrame(rows, columns=columns)
     with atomic_path(output_dir / "predictions.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
-    log.info("%d of %d images segmented with %s (threshold %.3f) -> %s%s", len(rows), len(files), predictor.source,
-             predictor.threshold, output_dir, f"; {len(skipped)} skipped" if skipped else "")
+    log.info("%d of %d images %s with %s (threshold %.3f) -> %s%s", len(rows), len(files),
+             "searched for polyps" if detector else "segmented", predictor.source,
+             predictor.match_score if detector else predictor.threshold, output_dir,
+             f"; {len(skipped)} skipped" if skipped else "")
     return table, skipped
 
 

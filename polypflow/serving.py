@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import tempfile
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -45,7 +46,8 @@ from polypflow.training import load_trained, save_trained
 IMAGE_COLUMN = "image"
 CHECKPOINT = "checkpoint"  # the artifact's key: the training checkpoint (polypflow.training.save_trained)
 REQUIREMENTS = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "albumentations",
-                "opencv-python-headless", "pillow", "numpy", "pandas", "pydantic", "pyyaml")
+                "opencv-python-headless", "pillow", "numpy", "pandas", "pydantic", "pyyaml", "torchmetrics",
+                "pycocotools")
 
 
 def bad_request(message: str) -> MlflowException:
@@ -99,6 +101,46 @@ class PolypSegmenter(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["mask", "polyp_fraction", "max_probability"])
 
 
+class PolypDetector(mlflow.pyfunc.PythonModel):
+    """A trained detector's checkpoint behind :class:`~polypflow.detection.inference.BoxPredictor`, as an MLflow
+    pyfunc: the same request as :class:`PolypSegmenter`; each row's answer is ``boxes`` (a JSON list of
+    ``[x1, y1, x2, y2, score]`` in the image's pixels, best first, scoring at least ``params.threshold``, by default
+    the model's ``detection.match_score``), ``n_boxes`` and ``max_score``."""
+
+    def load_context(self, context: Any) -> None:
+        from polypflow.detection.inference import trained_box_predictor
+
+        model, meta = load_trained(Path(context.artifacts[CHECKPOINT]))
+        self.predictor = trained_box_predictor(model, meta, source=meta.get("method", ""))
+        self.limits = SizeLimits(**(context.model_config or {}))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        threshold = float((params or {}).get("threshold", self.predictor.match_score))
+        if not 0 <= threshold < 1:
+            raise bad_request(f"params.threshold must be in [0, 1), got {threshold}")
+        if IMAGE_COLUMN not in model_input:
+            raise bad_request(f"missing column {IMAGE_COLUMN!r} (got {list(model_input.columns)})")
+        images = [decode_row(i, value, self.limits) for i, value in enumerate(model_input[IMAGE_COLUMN])]
+        rows = []
+        for image in images:  # one at a time, as the predict CLI does
+            found = self.predictor.detect([image])[0]
+            keep = found.scores >= threshold
+            boxes = [[round(v, 2) for v in box] + [round(score, 4)]
+                     for box, score in zip(found.boxes[keep].tolist(), found.scores[keep].tolist(), strict=True)]
+            rows.append({"boxes": json.dumps(boxes), "n_boxes": len(boxes),
+                         "max_score": float(found.scores.max()) if len(found.scores) else 0.0})
+        return pd.DataFrame(rows, columns=["boxes", "n_boxes", "max_score"])
+
+
+def detector_signature(threshold: float) -> ModelSignature:
+    """String column ``image`` in; ``boxes`` (JSON), ``n_boxes``, ``max_score`` out; param ``threshold``."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec("string", "boxes"), ColSpec("long", "n_boxes"), ColSpec("double", "max_score")]),
+        params=ParamSchema([ParamSpec("threshold", "double", float(threshold))]),
+    )
+
+
 def signature(threshold: float) -> ModelSignature:
     """String column ``image`` in; ``mask``, ``polyp_fraction``, ``max_probability`` out; param ``threshold``."""
     return ModelSignature(
@@ -120,15 +162,22 @@ def requirements() -> list[str]:
     return pins
 
 
-def log_model(model: nn.Module, meta: dict, limits: SizeLimits = SizeLimits(), name: str = "model") -> Any:
-    """Log ``model`` with its ``meta`` (what ``save_trained`` stores) as a :class:`PolypSegmenter` pyfunc in the
-    active run; the code of ``models`` and ``polypflow`` travels with it. Returns MLflow's ``ModelInfo``."""
+def log_model(model: nn.Module, meta: dict, limits: SizeLimits = SizeLimits(), name: str = "model",
+              python_model: mlflow.pyfunc.PythonModel | None = None, model_signature: ModelSignature | None = None) -> Any:
+    """Log ``model`` with its ``meta`` (what ``save_trained`` stores) as a :class:`PolypSegmenter` pyfunc (or
+    ``python_model``) in the active run; the code of ``models`` and ``polypflow`` travels with it. Returns
+    MLflow's ``ModelInfo``."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model.pt"
         save_trained(checkpoint, model, **meta)
         return mlflow.pyfunc.log_model(
-            name=name, python_model=PolypSegmenter(), artifacts={CHECKPOINT: str(checkpoint)},
-            signature=signature(meta["threshold"]), model_config=asdict(limits),
+            name=name, python_model=python_model or PolypSegmenter(), artifacts={CHECKPOINT: str(checkpoint)},
+            signature=model_signature or signature(meta["threshold"]), model_config=asdict(limits),
             code_paths=[str(Path(models.__file__).parent), str(Path(polypflow.__file__).parent)],
             pip_requirements=requirements(),
         )
+
+
+def log_detector(model: nn.Module, meta: dict, limits: SizeLimits = SizeLimits(), name: str = "model") -> Any:
+    """:func:`log_model` for a trained detector: a :class:`PolypDetector` pyfunc (image in, boxes out)."""
+    return log_model(model, meta, limits, name, PolypDetector(), detector_signature(meta["threshold"]))

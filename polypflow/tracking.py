@@ -183,7 +183,8 @@ def champion_version(name: str) -> Any:
 
 
 def version_val_scores(version: Any) -> pd.Series | None:
-    """Per-image validation Dice a version was registered with (its ``val_per_image`` artifact)."""
+    """Per-image validation scores a version was registered with (its ``val_per_image`` artifact: key and the
+    score, a segmenter's Dice or a detector's box F1)."""
     import mlflow
 
     uri = version.tags.get(VAL_SCORES_TAG) if version is not None else None
@@ -192,7 +193,7 @@ def version_val_scores(version: Any) -> pd.Series | None:
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         table = pd.read_csv(path, dtype={"key": str})
-    return table.set_index("key")["dice"]
+    return table.set_index("key").iloc[:, 0]
 
 
 def _decide(name: str, val_scores: pd.Series | None, score: float, score_key: str, promotion: Promotion,

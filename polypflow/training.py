@@ -155,34 +155,73 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Call
     return loss.detach()
 
 
-def train_epoch(model, loader, loss_fn, optimizer, recipe: Recipe, device, epoch: int) -> float:
+class SegmentationTask:
+    """What :func:`fit` needs of a segmenter: its dataset, one optimisation step, the validation metrics and the
+    score epochs are selected on (:func:`selection_score`). :class:`polypflow.detection.training.DetectionTask`
+    is the detector's."""
+
+    metric = "val_dice"
+    collate = None  # the default collate: image and mask tensors stack
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
+
+    def dataset(self, data: ImageSet) -> SegDataset:
+        return SegDataset(data, self.recipe.normalize, self.recipe.augment)
+
+    def step(self, model: nn.Module, batch, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool,
+             epoch: int, scale: float) -> tuple[float, int]:
+        x, y = _rescale(batch[0].to(device), batch[1].to(device), scale)
+        return train_step(model, x, y, self.loss_fn, optimizer, self.recipe, amp, epoch).item(), len(x)
+
+    def validate(self, model: nn.Module, val: ImageSet, device: torch.device) -> dict[str, float]:
+        probs = predict_probs(model, val.images, self.recipe.normalize, device, channels_last=self.recipe.channels_last)
+        metrics = {"val_dice": float(dice_batch(probs, val.masks).mean()) if len(val.keys) else 0.0}
+        if self.recipe.threshold_search and len(val.keys):
+            metrics["val_dice_tuned"] = float(grid_dice(probs, val.masks).max())
+        return metrics
+
+    def select(self, metrics: dict[str, float]) -> float:
+        return selection_score(metrics)
+
+    def threshold(self, model: nn.Module, train: ImageSet, device: torch.device) -> float:
+        """The binarisation threshold the model is used with: searched on the train set when the recipe says so."""
+        if not (self.recipe.threshold_search and len(train.keys)):
+            return 0.5
+        probs = predict_probs(model, train.images, self.recipe.normalize, device, channels_last=self.recipe.channels_last)
+        return search_threshold(probs, train.masks)
+
+
+def train_epoch(model, loader, task, optimizer, recipe: Recipe, device, epoch: int) -> float:
     model.train()
     rng = np.random.default_rng(epoch)
     total, count = 0.0, 0
     amp = amp_enabled(recipe, device)
-    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
-        x, y = _rescale(x.to(device), y.to(device), float(rng.choice(recipe.multiscale)))
-        loss = train_step(model, x, y, loss_fn, optimizer, recipe, amp, epoch)
-        total += loss.item() * len(x)
-        count += len(x)
+    for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
+        loss, n = task.step(model, batch, optimizer, device, amp, epoch, float(rng.choice(recipe.multiscale)))
+        total += loss * n
+        count += n
     return total / max(count, 1)
 
 
 def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device: torch.device,
         checkpoint: Path, seed: int, resume: bool = False,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-        checkpoint_extra: dict | None = None) -> FitResult:
-    """Train ``model`` in place; leave it holding the best-validation-Dice weights.
+        checkpoint_extra: dict | None = None, task=None) -> FitResult:
+    """Train ``model`` in place; leave it holding the weights of the best validation epoch.
 
-    ``checkpoint`` is rewritten atomically after every epoch; with ``resume`` an existing one is
+    ``task`` (default :class:`SegmentationTask`) says how a batch is trained and what validation scores; the
+    result's ``best_val_dice`` is the selected epoch's ``task.metric`` (Dice at 0.5 for a segmenter, AP50 for
+    a detector). ``checkpoint`` is rewritten atomically after every epoch; with ``resume`` an existing one is
     continued from the epoch after the last completed one.
     """
+    task = task or SegmentationTask(recipe)
     model.to(device)
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
     log.info("training on %s: AMP (bf16) %s, channels-last %s", device, "on" if amp_enabled(recipe, device) else "off",
              "on" if recipe.channels_last else "off")
-    loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     state = {"epoch": -1, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
@@ -193,7 +232,7 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
-    dataset = SegDataset(train, recipe.normalize, recipe.augment)
+    dataset = task.dataset(train)
     for epoch in range(state["epoch"] + 1, recipe.epochs):
         if state["bad_epochs"] >= recipe.early_stop_patience:
             break
@@ -201,35 +240,29 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         if dataset.transform is not None:  # albumentations keeps its own RNG, untouched by seed_everything
             dataset.transform.set_random_seed(seed + epoch)
         loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=len(dataset) > recipe.batch_size,
-                            num_workers=recipe.num_workers, generator=torch.Generator().manual_seed(seed + epoch))
-        train_loss = train_epoch(model, loader, loss_fn, optimizer, recipe, device, epoch)
+                            num_workers=recipe.num_workers, collate_fn=task.collate,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        train_loss = train_epoch(model, loader, task, optimizer, recipe, device, epoch)
         scheduler.step()
-        probs = predict_probs(model, val.images, recipe.normalize, device, channels_last=recipe.channels_last)
-        val_dice = float(dice_batch(probs, val.masks).mean()) if len(val.keys) else 0.0
-        metrics = {"train_loss": train_loss, "val_dice": val_dice, "lr": optimizer.param_groups[0]["lr"]}
-        if recipe.threshold_search and len(val.keys):
-            metrics["val_dice_tuned"] = float(grid_dice(probs, val.masks).max())
+        metrics = {"train_loss": train_loss, **task.validate(model, val, device), "lr": optimizer.param_groups[0]["lr"]}
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None
         state["history"].append({"epoch": epoch + 1, **metrics})
-        if best is None or selection_score(metrics) > selection_score(best):
-            state.update(best_val_dice=val_dice, best_epoch=epoch + 1, bad_epochs=0,
+        if best is None or task.select(metrics) > task.select(best):
+            state.update(best_val_dice=metrics[task.metric], best_epoch=epoch + 1, bad_epochs=0,
                          best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
-        log.info("epoch %d/%d train_loss %.4f val_dice %.4f%s", epoch + 1, recipe.epochs, train_loss, val_dice,
-                 f", val_dice_tuned {metrics['val_dice_tuned']:.4f} (at the grid's best threshold)"
-                 if "val_dice_tuned" in metrics else "")
+        log.info("epoch %d/%d train_loss %.4f %s", epoch + 1, recipe.epochs, train_loss,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")) +
+                 (" (val_dice_tuned: at the grid's best threshold)" if "val_dice_tuned" in metrics else ""))
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
-    threshold = 0.5
-    if recipe.threshold_search and len(train.keys):
-        probs = predict_probs(model, train.images, recipe.normalize, device, channels_last=recipe.channels_last)
-        threshold = search_threshold(probs, train.masks)
+    threshold = task.threshold(model, train, device)
     return FitResult(state["best_val_dice"], state["best_epoch"], state["epoch"] + 1,
                      state["epoch"] + 1 < recipe.epochs, threshold, state["history"])
 
@@ -281,6 +314,7 @@ class MethodPlan:
     train_keys: list[str]
     val_keys: list[str]
     seed: int
+    task: str = "segmentation"  # the builder's task (models.method_task): "segmentation" or "detection"
 
     @property
     def fingerprint(self) -> str:
@@ -293,22 +327,52 @@ def plan_method(params: Params, method: str, train_keys: list[str], val_keys: li
                 recipe: Recipe | None = None, seed_offset: int = 0) -> MethodPlan:
     """``method`` of params with its recipe (or ``recipe``), its training images subsampled to the recipe's
     ``max_train_items`` (seeded with ``seed + seed_offset``)."""
-    from models import check_kwargs
+    from models import check_kwargs, method_task
 
     arch, kwargs = params.method_arch(method)
     check_kwargs(arch, kwargs, f"methods.{method}.model")
     recipe = recipe or params.recipe(method)
     return MethodPlan(method, arch, kwargs, recipe, subsample(train_keys, recipe.max_train_items, params.seed + seed_offset),
-                      list(val_keys), params.seed)
+                      list(val_keys), params.seed, method_task(arch))
+
+
+DETECTION_LOSS = "gfl"  # a detector's recipe names its loss: GFLv2's (quality focal + distribution focal + GIoU)
+
+
+def check_loss(plan: MethodPlan) -> None:
+    """A bad ``loss`` is an error naming the method, before anything is built or changed on disk."""
+    if plan.task == "detection":
+        if plan.recipe.loss != DETECTION_LOSS:
+            raise ValueError(f"methods.{plan.method}.recipe.loss: a detection method trains with loss "
+                             f"{DETECTION_LOSS!r}, got {plan.recipe.loss!r}")
+    else:
+        build_loss(plan.recipe.loss, plan.recipe.deep_supervision_weights)
 
 
 def build_checked(plan: MethodPlan) -> nn.Module:
     """The plan's model, built with its loss checked too: a bad setting fails before anything on disk changes."""
     from models import build_model
 
-    build_loss(plan.recipe.loss, plan.recipe.deep_supervision_weights)
+    check_loss(plan)
     seed_everything(plan.seed)
     return build_model(plan.arch, **plan.kwargs)
+
+
+def training_min_area(params: Params, image_size: int) -> int:
+    """``detection.min_box_area`` (pixels of a mask at its own resolution, taken as a 352 px frame) at
+    ``image_size``: the speck size of the training targets."""
+    return int(round(params.detection.min_box_area * (image_size / 352) ** 2))
+
+
+def plan_task(params: Params, plan: MethodPlan):
+    """The :func:`fit` task of ``plan``: how a batch is trained and what validation selects on."""
+    if plan.task == "detection":
+        from polypflow.detection.training import DetectionTask
+
+        cfg = params.detection
+        return DetectionTask(plan.recipe, training_min_area(params, plan.recipe.image_size), cfg.atss_topk,
+                             cfg.match_score)
+    return SegmentationTask(plan.recipe)
 
 
 def set_aside_foreign(checkpoint: Path, fingerprint: str) -> list[Path]:
@@ -342,5 +406,6 @@ def fit_plan(params: Params, plan: MethodPlan, checkpoint: Path, resume: bool,
             on_epoch(epoch, metrics)
 
     result = fit(model, plan.recipe, train, val, resolve_device(params.device), checkpoint, plan.seed,
-                 resume=resume, on_epoch=first_epoch_done, checkpoint_extra={"fingerprint": plan.fingerprint})
+                 resume=resume, on_epoch=first_epoch_done, checkpoint_extra={"fingerprint": plan.fingerprint},
+                 task=plan_task(params, plan))
     return model, result

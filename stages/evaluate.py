@@ -24,11 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from polypflow import tracking
 from polypflow.config import Evaluate, ExternalMethod, Params
 from polypflow.data import by_image_key, load_image_set, read_image, read_mask
+from polypflow.detection.inference import to_image_scale
 from polypflow.inference import to_resolution, trained_predictor
 from polypflow.io import atomic_path, write_json, write_png
 from polypflow.metrics import MODEL_DICE, TOOLBOX_CURVES, LEVELS, score_image, summarize
@@ -176,7 +178,8 @@ def json_number(value: float | int) -> float | int | None:
 
 def evaluate_all(maps: ProbabilityMaps, method_threshold: float, params: Params, splits: dict, facts: pd.DataFrame,
                  files: MethodLayout) -> dict:
-    """Score every test set ``maps`` covers; write the tables and case overlays; return ``summary``."""
+    """Score every test set ``maps`` covers; write the tables and case overlays; return ``summary`` (with the
+    mask's components scored as boxes, ``box_*``, when ``detection.mask_boxes``)."""
     unseen = set(splits.get("unseen", []))
     tables: dict[str, list[pd.DataFrame]] = {"per_image": [], "pr": [], "sweep": [], "curves": []}
     summary, cases = {}, []
@@ -192,6 +195,9 @@ def evaluate_all(maps: ProbabilityMaps, method_threshold: float, params: Params,
         missing = {"n_missing": len(listed) - len(keys)} if len(keys) < len(listed) else {}
         summary[dataset] = {"protocol": protocol, **missing,
                             **{k: json_number(v) for k, v in summarize(scores.per_image, curves).items()}}
+        if params.detection.mask_boxes:
+            boxes = mask_box_metrics(keys, probs, method_threshold, params, facts)
+            summary[dataset].update({k: json_number(v) for k, v in boxes.items()})
         cases += draw_cases(scores, dataset, facts, params, method_threshold, files.cases_dir)
         s = summary[dataset]
         fixed = params.evaluate.threshold
@@ -203,6 +209,112 @@ def evaluate_all(maps: ProbabilityMaps, method_threshold: float, params: Params,
     for name, parts in tables.items():
         write_csv(files.eval_table(name), pd.concat(parts))
     write_csv(files.cases, pd.DataFrame(cases, columns=["dataset", "kind", "rank", "key", "dice", "file"]))
+    return summary
+
+
+# ---------------------------------------------------------------- boxes: a detector's, and a segmenter's mask's
+
+
+def truth_boxes(facts: pd.DataFrame, keys: list[str], params: Params) -> list[torch.Tensor]:
+    """Ground-truth boxes of each image at its mask's own resolution: one per connected component of at least
+    ``detection.min_box_area`` pixels."""
+    from polypflow.detection.boxes import mask_to_boxes
+
+    paths = rows_of(facts, keys)["mask_path"]
+    return [torch.from_numpy(mask_to_boxes(read_mask(path, params.validate_.mask_threshold),
+                                           params.detection.min_box_area).boxes) for path in paths]
+
+
+def mask_box_metrics(keys: list[str], probs: Sequence[np.ndarray], threshold: float, params: Params,
+                     facts: pd.DataFrame) -> dict[str, float]:
+    """COCO AP/AP50/AP75/AR100 of a segmenter's mask as boxes (each component of its map at ``threshold``,
+    scored by its mean probability), prefixed ``box_``: the baseline a dedicated detector must beat."""
+    from polypflow.detection.evaluate import boxes_from_probability, coco_metrics
+
+    truth = truth_boxes(facts, keys, params)
+    found = [boxes_from_probability(to_resolution(prob, shape), threshold, params.detection.min_box_area)
+             for prob, shape in zip(probs, mask_shapes(facts, keys), strict=True)]
+    return {f"box_{k}": v for k, v in coco_metrics(found, truth).metrics.items()}
+
+
+def mask_shapes(facts: pd.DataFrame, keys: list[str]) -> list[tuple[int, int]]:
+    """(H, W) of each image's mask: the resolution everything is scored at."""
+    rows = rows_of(facts, keys)
+    return [(int(h), int(w)) for h, w in zip(rows["mask_height"], rows["mask_width"], strict=True)]
+
+
+def score_threshold_sweep(predictions: list, truth: list[torch.Tensor], thresholds: np.ndarray) -> pd.DataFrame:
+    """Box F1, precision and recall (matches at IoU 0.5, COCO's rule) at each score threshold."""
+    from polypflow.detection.evaluate import match_image
+
+    rows = []
+    for t in thresholds:
+        counts = pd.DataFrame([match_image(p, b, float(t)) for p, b in zip(predictions, truth, strict=True)])
+        tp, fp, fn = (int(counts[c].sum()) for c in ("tp", "fp", "fn"))
+        rows.append({"threshold": float(t), "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+                     "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1)})
+    return pd.DataFrame(rows)
+
+
+def draw_box_cases(per_image: pd.DataFrame, predictions: list, truth: list[torch.Tensor], dataset: str,
+                   facts: pd.DataFrame, params: Params, out: Path) -> list[dict]:
+    """The best and worst ``evaluate.cases`` images of a test set by box F1, drawn with their boxes (truth green,
+    detections from ``detection.match_score`` red, with scores)."""
+    from polypflow.detection.evaluate import draw_boxes, pick_cases
+
+    rows = []
+    for kind, rank, i in pick_cases(per_image, params.evaluate.cases):
+        key = per_image.iloc[i]["key"]
+        image = read_image(rows_of(facts, [key]).iloc[0]["image_path"])
+        drawn = draw_boxes(image, truth[i], predictions[i], params.detection.match_score)
+        scale = CASE_HEIGHT / drawn.shape[0]
+        name = f"{dataset}_{kind}{rank}.png"
+        write_png(out / name, cv2.resize(drawn, (round(drawn.shape[1] * scale), CASE_HEIGHT), interpolation=cv2.INTER_AREA))
+        rows.append({"dataset": dataset, "kind": kind, "rank": rank, "key": key,
+                     "f1": float(per_image.iloc[i]["f1"]), "file": name})
+    return rows
+
+
+def evaluate_detector(model, meta: dict, params: Params, splits: dict, facts: pd.DataFrame, files: MethodLayout) -> dict:
+    """A detector on every test set: COCO AP/AP50/AP75/AR100 (``box_*``, the same keys as a segmenter's mask
+    boxes), the PR curve at IoU 0.5 (``pr.csv``, and with scores ``curves.csv``), box F1 over score thresholds
+    (``sweep.csv``), per-image matches (``per_image.csv``) and drawn cases; returns ``summary``."""
+    from polypflow.detection.evaluate import coco_metrics, per_image_scores
+    from polypflow.detection.inference import trained_box_predictor
+
+    predictor = trained_box_predictor(model, meta, device=resolve_device(params.device),
+                                      batch_size=params.evaluate.batch_size)
+    unseen = set(splits.get("unseen", []))
+    tables: dict[str, list[pd.DataFrame]] = {"per_image": [], "pr": [], "sweep": [], "curves": []}
+    summary, cases = {}, []
+    for dataset, keys in splits["test"].items():
+        if not keys:
+            continue
+        protocol = "unseen" if dataset in unseen else "seen"
+        data = load_image_set(facts, keys, meta["image_size"], params.validate_.mask_threshold, params.paths.cache)
+        predictions = [to_image_scale(d, meta["image_size"], shape)
+                       for d, shape in zip(predictor.detect_resized(data.images), mask_shapes(facts, keys), strict=True)]
+        truth = truth_boxes(facts, keys, params)
+        scores = coco_metrics(predictions, truth)
+        per_image = per_image_scores(keys, predictions, truth, predictor.match_score)
+        per_image["n_truth"] = [len(t) for t in truth]
+        tag = {"dataset": dataset, "protocol": protocol}
+        tables["per_image"].append(per_image.assign(**tag))
+        tables["pr"].append(scores.pr_curve[["recall", "precision"]].assign(**tag))
+        tables["curves"].append(scores.pr_curve.assign(iou=0.5, **tag))
+        tables["sweep"].append(score_threshold_sweep(predictions, truth, sweep_thresholds(params.evaluate)).assign(**tag))
+        summary[dataset] = {"protocol": protocol, "n": len(keys), "n_boxes": int(sum(len(t) for t in truth)),
+                            **{f"box_{k}": json_number(v) for k, v in scores.metrics.items()},
+                            "f1": json_number(float(per_image["f1"].mean()))}
+        cases += draw_box_cases(per_image, predictions, truth, dataset, facts, params, files.cases_dir)
+        s = summary[dataset]
+        log.info("%s (%s): AP %.4f AP50 %.4f AP75 %.4f AR100 %.4f, mean F1 %.4f at score %.2f (n=%d, %d boxes)",
+                 dataset, protocol, s["box_ap"], s["box_ap50"], s["box_ap75"], s["box_ar100"], s["f1"],
+                 predictor.match_score, len(keys), s["n_boxes"])
+    for name, parts in tables.items():
+        write_csv(files.eval_table(name), pd.concat(parts))
+    write_csv(files.cases, pd.DataFrame(cases, columns=["dataset", "kind", "rank", "key", "f1", "file"]))
+    files.gradcam_dir.mkdir(parents=True, exist_ok=True)  # Grad-CAM explains a segmenter's map: none for boxes
     return summary
 
 
@@ -230,6 +342,12 @@ def run(params: Params, method: str) -> dict:
     tracking.require_run(params, train_run, files.run_record("train"))  # before the work, not after it
     model, meta = load_trained(files.model)
     splits, facts = read_splits(params), read_facts(params)
+    if meta.get("task") == "detection":
+        summary = evaluate_detector(model, meta, params, splits, facts, files)
+        write_json(files.eval_summary, summary)
+        run_id = log_to_mlflow(params, method, summary, files.eval_dir, splits, train_run)
+        write_json(files.run_record("evaluate"), {"run_id": run_id})
+        return summary
     summary = evaluate_all(model_maps(model, meta, params, facts), meta["threshold"], params, splits, facts, files)
     first = next(keys for keys in splits["test"].values() if keys)
     panels = gradcam_panels(model, meta, params, facts, first, files.gradcam_dir)

@@ -2,9 +2,11 @@
 
 Runs after the method was trained, evaluated, exported and profiled, and reads only their outputs. Its MLflow
 run, named after the method, is the method's row in the runs table: validation and test Dice per set, the
-toolbox's meanDic, latency, size and ONNX parity as metrics, the datasets the model was trained, validated and
+toolbox's meanDic (a detector's box AP and AP50, also a segmenter's mask components' as boxes), latency, size
+and ONNX parity as metrics, the datasets the model was trained, validated and
 tested on as dataset inputs, and the ids of the stage runs behind them as tags. The model the training run
-logged is registered under the method's name and as a version of ``tracking.global_model``, tagged with what a
+logged is registered under the method's name and as a version of ``tracking.global_model`` (a detector:
+``tracking.global_detector``), tagged with what a
 user ships it by (input size, normalisation, threshold, test Dice, latency, the ONNX file); ``champion`` moves
 to it only on a significant paired-bootstrap gain in validation Dice (``tracking.promotion``). Weights already
 registered are not registered again. Writes ``artifacts/registry/<method>/registered.json``.
@@ -28,27 +30,39 @@ from stages._cli import method_main
 log = logging.getLogger(__name__)
 
 
+def val_metric(files: MethodLayout) -> str:
+    """What the method was selected and is promoted on: ``val_dice``, or a detector's ``val_ap50``."""
+    return "val_ap50" if "val_ap50" in read_json(files.metrics) else "val_dice"
+
+
 def headline(files: MethodLayout) -> dict[str, float]:
-    """The figures a user compares methods by: validation and test Dice, latency, size, ONNX parity."""
+    """The figures a user compares methods by: validation and test Dice (a detector's AP), the box AP of each
+    test set (a segmenter's mask components, or the detector's boxes), latency, size, ONNX parity."""
     train, summary, profile = read_json(files.metrics), read_json(files.eval_summary), read_json(files.profile)
-    out = {"val_dice": train["val_dice"], "threshold": train["threshold"],
+    metric = val_metric(files)
+    out = {metric: train[metric], "threshold": train["threshold"],
            "params_m": profile["params"] / 1e6, "gmacs_352": profile["macs_at_macs_image_size"] / 1e9,
            "torch_p50_ms": profile["torch"]["p50_ms"], "ort_p50_ms": profile["onnxruntime"]["p50_ms"],
            "onnx_max_abs_diff": read_json(files.parity)["max_abs_diff"]}
     for dataset, s in summary.items():
-        out[f"test.{dataset}.dice"] = s[MODEL_DICE]
-        out[f"test.{dataset}.meanDic"] = s["tb_dice"]
+        if MODEL_DICE in s:
+            out[f"test.{dataset}.dice"] = s[MODEL_DICE]
+            out[f"test.{dataset}.meanDic"] = s["tb_dice"]
+        for key in ("box_ap", "box_ap50"):
+            if s.get(key) is not None:
+                out[f"test.{dataset}.{key}"] = s[key]
     return out
 
 
 def version_tags(files: MethodLayout, figures: dict[str, float], export_run: str) -> dict[str, str]:
     """What a registered version carries: how to feed it, its threshold, its figures, its ONNX file, its weights."""
     state = load_checkpoint(files.model)
-    tags = {k: state[k] for k in ("method", "arch", "image_size", "normalize", "mean", "std", "threshold",
-                                  "val_dice", "best_epoch")}
+    tags = {k: state[k] for k in ("method", "arch", "task", "image_size", "normalize", "mean", "std", "threshold",
+                                  "val_dice", "val_ap50", "best_epoch") if k in state}
     tags["model_kwargs"] = json.dumps(state["model_kwargs"])
     tags.update({f"test_dice.{k.split('.')[1]}": f"{v:.4f}" for k, v in figures.items() if k.endswith(".dice")})
     tags.update({f"test_meandic.{k.split('.')[1]}": f"{v:.4f}" for k, v in figures.items() if k.endswith(".meanDic")})
+    tags.update({f"test_box_ap50.{k.split('.')[1]}": f"{v:.4f}" for k, v in figures.items() if k.endswith(".box_ap50")})
     tags.update({"ort_p50_ms": f"{figures['ort_p50_ms']:.2f}", "onnx": f"runs:/{export_run}/onnx/model.onnx",
                  tracking.WEIGHTS_TAG: weights_digest(state["state_dict"])})
     return {k: str(v) for k, v in tags.items()}
@@ -63,7 +77,7 @@ def run(params: Params, method: str) -> dict:
     model_uri = read_json(files.run_record("train"))["model_uri"]
     tracking.require_run(params, runs["train"], files.run_record("train"))
     figures = headline(files)
-    val_scores = pd.read_csv(files.val_scores, dtype={"key": str}).set_index("key")["dice"]
+    val_scores = pd.read_csv(files.val_scores, dtype={"key": str}).set_index("key").iloc[:, 0]  # Dice, or box F1
     splits = read_splits(params)
     with tracking.stage_run(params, "register", method, run_name=method,
                             tags={f"polypflow.run.{stage}": run_id for stage, run_id in runs.items()}) as run:
@@ -74,10 +88,12 @@ def run(params: Params, method: str) -> dict:
                                          **{f"testing.{d}": keys for d, keys in splits["test"].items() if keys}})
         registry = {}
         if params.tracking.register_models:
+            metric = val_metric(files)
+            detector = metric == "val_ap50"
             registry = tracking.register(
-                model_uri, method, version_tags(files, figures, runs["export"]), figures["val_dice"], val_scores,
+                model_uri, method, version_tags(files, figures, runs["export"]), figures[metric], val_scores,
                 f"runs:/{runs['train']}/{tracking.VAL_SCORES_ARTIFACT}", run.info.run_id, params.tracking.promotion,
-                params.seed, params.tracking.global_model)
+                params.seed, params.tracking.global_detector if detector else params.tracking.global_model, metric)
     mlflow_view.share(params, [d for d, keys in splits["test"].items() if keys])  # the UI's view of these rows
     record = {"run_id": run.info.run_id, "model_uri": model_uri, **registry}
     write_json(files.registered, record)

@@ -22,29 +22,50 @@ from polypflow.io import atomic_path, write_json
 from polypflow.layout import method_layout, read_facts, read_splits
 from polypflow.metrics import dice_batch
 from polypflow.training import (FitResult, MethodPlan, fit_plan, plan_method, predict_probs, resolve_device,
-                                save_trained)
+                                save_trained, training_min_area)
 from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
 
 
 def val_per_image(params: Params, model: torch.nn.Module, plan: MethodPlan, threshold: float) -> pd.Series:
-    """Validation Dice of each image at the model's ``threshold``, indexed by key, for promotion."""
+    """Each validation image's score, indexed by key, for promotion: a segmenter's Dice at its ``threshold``, a
+    detector's box F1 counting boxes from score ``threshold``."""
     keys = plan.val_keys
     data = load_image_set(read_facts(params), keys, plan.recipe.image_size, params.validate_.mask_threshold,
                           params.paths.cache)
-    probs = predict_probs(model, data.images, plan.recipe.normalize, resolve_device(params.device))
-    return pd.Series(dice_batch(probs, data.masks, threshold) if len(keys) else [], index=pd.Index(keys, dtype=str),
-                     dtype=float)
+    device = resolve_device(params.device)
+    if not len(keys):
+        scores = []
+    elif plan.task == "detection":
+        from polypflow.detection.data import image_boxes
+        from polypflow.detection.evaluate import per_image_scores
+        from polypflow.detection.training import predict_boxes
+
+        cfg = params.detection
+        found = predict_boxes(model, data.images, plan.recipe.normalize, device, score_threshold=cfg.score_threshold,
+                              nms_iou=cfg.nms_iou, max_detections=cfg.max_detections)
+        truth = image_boxes(data.masks, training_min_area(params, plan.recipe.image_size))
+        scores = per_image_scores(keys, found, truth, threshold)["f1"].to_numpy()
+    else:
+        scores = dice_batch(predict_probs(model, data.images, plan.recipe.normalize, device), data.masks, threshold)
+    return pd.Series(scores, index=pd.Index(keys, dtype=str), dtype=float)
 
 
-def log_model(model: torch.nn.Module, meta: dict, limits: Validate | None = None):
+def log_model(model: torch.nn.Module, meta: dict, limits: Validate | None = None, task: str = "segmentation"):
     """Log the served model (:mod:`polypflow.serving`: the checkpoint behind the one predictor; a base64 image in,
-    its mask out), refusing images whose sides fall outside ``limits`` (``validate.min_side``/``max_side``)."""
+    its mask, or a detector's boxes, out), refusing images whose sides fall outside ``limits``
+    (``validate.min_side``/``max_side``)."""
     from polypflow import serving
 
     bounds = SizeLimits(limits.min_side, limits.max_side) if limits is not None else SizeLimits()
-    return serving.log_model(model.cpu(), meta, bounds)
+    log = serving.log_detector if task == "detection" else serving.log_model
+    return log(model.cpu(), meta, bounds)
+
+
+def val_metric(plan: MethodPlan) -> str:
+    """What the method's epochs are selected on: ``val_dice`` for a segmenter, ``val_ap50`` for a detector."""
+    return "val_ap50" if plan.task == "detection" else "val_dice"
 
 
 def training_plan(params: Params, method: str) -> MethodPlan:
@@ -78,27 +99,34 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         if hasattr(model, "threshold") and isinstance(model.threshold, torch.Tensor):
             model.threshold.fill_(result.threshold)
         mean, std = NORMALIZATION[plan.recipe.normalize]
-        meta = {"method": method, "arch": plan.arch, "model_kwargs": plan.kwargs, "image_size": plan.recipe.image_size,
-                "normalize": plan.recipe.normalize, "mean": list(mean), "std": list(std),
-                "threshold": result.threshold, "val_dice": result.best_val_dice, "best_epoch": result.best_epoch}
+        metric = val_metric(plan)  # val_dice, or a detector's val_ap50
+        meta = {"method": method, "arch": plan.arch, "task": plan.task, "model_kwargs": plan.kwargs,
+                "image_size": plan.recipe.image_size, "normalize": plan.recipe.normalize, "mean": list(mean),
+                "std": list(std), "threshold": result.threshold, metric: result.best_val_dice,
+                "best_epoch": result.best_epoch}
+        if plan.task == "detection":  # what the detector decodes its boxes with
+            cfg = params.detection
+            meta["decode"] = {"score_threshold": cfg.score_threshold, "nms_iou": cfg.nms_iou,
+                              "max_detections": cfg.max_detections}
         val_scores = val_per_image(params, model, plan, result.threshold)
+        score_name = "f1" if plan.task == "detection" else "dice"
         history = pd.DataFrame(result.history)
-        metrics = {"val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        metrics = {metric: result.best_val_dice, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    "threshold": result.threshold, "image_size": plan.recipe.image_size}
-        mlflow.log_metrics({"best_val_dice": result.best_val_dice, "threshold": result.threshold})
+        mlflow.log_metrics({f"best_{metric}": result.best_val_dice, "threshold": result.threshold})
         mlflow.log_text(history.to_csv(index=False), "history.csv")
-        mlflow.log_text(val_scores.rename("dice").rename_axis("key").reset_index().to_csv(index=False),
+        mlflow.log_text(val_scores.rename(score_name).rename_axis("key").reset_index().to_csv(index=False),
                         tracking.VAL_SCORES_ARTIFACT)
-        info = log_model(model, meta, params.validate_)
+        info = log_model(model, meta, params.validate_, plan.task)
     # local outputs only once MLflow holds the model: a failed upload leaves the previous outputs consistent
     save_trained(files.model, model, **meta)
     with atomic_path(files.val_scores, suffix=".csv") as tmp:
-        val_scores.rename("dice").rename_axis("key").reset_index().to_csv(tmp, index=False)
+        val_scores.rename(score_name).rename_axis("key").reset_index().to_csv(tmp, index=False)
     with atomic_path(files.history, suffix=".csv") as tmp:
         history.to_csv(tmp, index=False)
     write_json(files.metrics, metrics)
     write_json(files.run_record("train"), {"run_id": run.info.run_id, "model_uri": info.model_uri})
-    log.info("%s: best val Dice %.4f at epoch %d", method, result.best_val_dice, result.best_epoch)
+    log.info("%s: best %s %.4f at epoch %d", method, metric, result.best_val_dice, result.best_epoch)
     return metrics
 
 

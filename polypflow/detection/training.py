@@ -7,12 +7,11 @@ functions below are usable on their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
+from polypflow.config import Recipe
 from polypflow.data import ImageSet, to_tensor
 from polypflow.detection.atss import atss_assign
 from polypflow.detection.data import DetectionDataset, collate_detection, image_boxes
@@ -60,16 +59,29 @@ def validation_ap50(model: nn.Module, images: np.ndarray, boxes: list[torch.Tens
     return coco_metrics(predict_boxes(model, images, normalize, device), boxes).metrics["ap50"]
 
 
-@dataclass(frozen=True)
+def rescale_batch(images: torch.Tensor, boxes: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Multi-scale training: the images resized by ``scale`` (to a multiple of 32) and their boxes with them."""
+    if scale == 1.0:
+        return images, boxes
+    size = max(32, int(round(images.shape[-1] * scale / 32)) * 32)
+    factor = size / images.shape[-1]
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images, [b * factor for b in boxes]
+
+
 class DetectionTask:
-    """A detector's training contract: ``min_area`` (pixels at the training size) for mask-derived boxes,
-    ``topk`` ATSS candidates per level; validation selects epochs on AP50."""
+    """What :func:`polypflow.training.fit` needs of a detector: (image, boxes) items with boxes from the augmented
+    masks (components below ``min_area`` pixels at the training size are specks), GFLv2's loss with ATSS
+    (``topk`` candidates per level), epochs selected on validation AP50."""
 
-    min_area: int = 0
-    topk: int = ATSS_TOPK
+    metric = "val_ap50"
 
-    def dataset(self, data: ImageSet, normalize: str, augment: str) -> DetectionDataset:
-        return DetectionDataset(data, normalize, augment, self.min_area)
+    def __init__(self, recipe: Recipe | None = None, min_area: int = 0, topk: int = ATSS_TOPK,
+                 match_score: float = 0.3) -> None:
+        self.recipe, self.min_area, self.topk, self.match_score = recipe, min_area, topk, match_score
+
+    def dataset(self, data: ImageSet, normalize: str | None = None, augment: str | None = None) -> DetectionDataset:
+        return DetectionDataset(data, normalize or self.recipe.normalize, augment or self.recipe.augment, self.min_area)
 
     @staticmethod
     def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -78,5 +90,32 @@ class DetectionTask:
     def loss(self, model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         return detection_loss(model, images, boxes, self.topk)
 
+    def step(self, model: nn.Module, batch, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool,
+             epoch: int, scale: float) -> tuple[float, int]:
+        """One optimisation step: forward under bf16 autocast when ``amp``, the loss in fp32 (a non-finite loss
+        raises before the weights change)."""
+        images, boxes = rescale_batch(batch[0].to(device), [b.to(device) for b in batch[1]], scale)
+        if self.recipe.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = self.loss(model, images, boxes)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}")
+        loss.backward()
+        optimizer.step()
+        return loss.item(), len(images)
+
     def validation_score(self, model: nn.Module, val: ImageSet, normalize: str, device: torch.device) -> float:
         return validation_ap50(model, val.images, image_boxes(val.masks, self.min_area), normalize, device)
+
+    def validate(self, model: nn.Module, val: ImageSet, device: torch.device) -> dict[str, float]:
+        score = self.validation_score(model, val, self.recipe.normalize, device) if len(val.keys) else 0.0
+        return {"val_ap50": score if np.isfinite(score) else 0.0}
+
+    def select(self, metrics: dict[str, float]) -> float:
+        return metrics[self.metric]
+
+    def threshold(self, model: nn.Module, train: ImageSet, device: torch.device) -> float:
+        """A detector's threshold: the score from which a box counts (``detection.match_score``)."""
+        return self.match_score

@@ -38,6 +38,11 @@ class MethodResults:
         return self.title or self.name
 
     @property
+    def detector(self) -> bool:
+        """A detection method (its training selected on validation AP50, its evaluation scored boxes)."""
+        return "val_ap50" in self.train
+
+    @property
     def threshold(self) -> float:
         return float(self.train.get("threshold", 0.5))
 

@@ -219,10 +219,83 @@ def leakage_section(pairs: pd.DataFrame, summary: dict, facts: pd.DataFrame, sho
     return section
 
 
+BOX_METRICS = {"box_ap": "AP", "box_ap50": "AP50", "box_ap75": "AP75", "box_ar100": "AR100"}
+
+
+def detection_table(methods: list[MethodResults]) -> pd.DataFrame:
+    """COCO box metrics per test set: each detector's boxes, and each segmenter's mask components as boxes."""
+    rows = []
+    for m in methods:
+        for dataset, s in m.summary.items():
+            if "box_ap50" not in s:
+                continue
+            rows.append({"method": m.label, "boxes from": "detector" if m.detector else "mask components",
+                         "test set": dataset, "protocol": s.get("protocol"), "n": s.get("n"),
+                         **{label: s.get(key) for key, label in BOX_METRICS.items()}})
+    return pd.DataFrame(rows)
+
+
+def kvasir_boxes_section(params: Params) -> list[Block]:
+    """Our boxes from Kvasir-SEG's masks against the boxes Kvasir-SEG ships (``kavsir_bboxes.json``), when the
+    configured source folder has them."""
+    from polypflow.detection.boxes import kvasir_agreement
+
+    for dataset in params.ingest.datasets.values():
+        source = getattr(dataset.source, "path", None)
+        folder = Path(params.ingest.root) / source if source is not None else None
+        if folder is None or not (folder / "kavsir_bboxes.json").is_file():
+            continue
+        _, agreement = kvasir_agreement(folder, params.detection.min_box_area, params.validate_.mask_threshold)
+        text = (f"Boxes from masks against {dataset.name}'s own boxes ({folder / 'kavsir_bboxes.json'}): "
+                f"{agreement['ours']} boxes of ours, {agreement['theirs']} of theirs on {agreement['images']} images; "
+                f"{agreement['fraction_theirs_matched']:.1%} of theirs matched at IoU >= 0.5, mean IoU "
+                f"{agreement['mean_iou']:.3f} (min {agreement['min_iou']:.3f}); "
+                f"{agreement['images_count_differs']} images with a different box count. Mean edge offset (ours − "
+                "theirs, px): " + ", ".join(f"{e} {agreement[f'mean_offset_{e}']:+.2f}"
+                                            for e in ("x1", "y1", "x2", "y2")) + ".")
+        return [("text", text)]
+    return []
+
+
+def detection_sections(methods: list[MethodResults], params: Params) -> list[Section]:
+    """Detection: COCO AP per test set for the detectors and for the segmenters' mask boxes, the detectors' PR
+    curves and drawn cases, and how our boxes from masks agree with Kvasir-SEG's own."""
+    table = detection_table(methods)
+    if not len(table):
+        return []
+    cfg = params.detection
+    section = Section("Detection: a dedicated detector against the boxes of a segmenter's mask").text(
+        "COCO AP (IoU 0.50:0.95), AP50, AP75 and AR (100 detections) per test set, by torchmetrics' mean average "
+        f"precision (pycocotools). Ground truth: one box per connected component of a mask of >= {cfg.min_box_area} "
+        "pixels at the mask's resolution. 'detector': the detection method's boxes (score >= "
+        f"{cfg.score_threshold:g}, NMS IoU {cfg.nms_iou:g}); 'mask components': each connected component of a "
+        "segmenter's mask at its threshold, scored by its mean probability, through the same code.")
+    section.table(table, "Box AP per method and test set")
+    detectors = [m for m in methods if m.detector]
+    if detectors:
+        section.figure("detection_pr", fig.curve_figure(detectors, "pr", "recall", "precision", "recall",
+                                                        "precision"),
+                       "Detectors: COCO's interpolated precision-recall curve at IoU 0.5.")
+        for m in detectors:
+            for _, c in m.cases.iterrows():
+                path = m.eval_dir / "cases" / c["file"]
+                if path.exists():
+                    section.figure(f"case_{m.name}_{Path(c['file']).stem}", path.read_bytes(),
+                                   f"{m.label} · {c['dataset']} · {c['kind']} {c['rank']}: {c['key']} (box F1 "
+                                   f"{c['f1']:.2f}; truth green, boxes scoring >= {cfg.match_score:g} red)")
+        registry = tables.registry_table(detectors)
+        if len(registry):
+            section.table(registry, "Detectors' registration (champion by a paired bootstrap of validation box F1)")
+    section.blocks += kvasir_boxes_section(params)
+    return [section]
+
+
 def build(params: Params, methods: list[MethodResults], crossval: dict | None, leakage: tuple[pd.DataFrame, dict],
           facts: pd.DataFrame, splits: dict) -> Report:
-    """All sections of the report for ``methods`` (``train.methods`` order, then the external ones)."""
+    """All sections of the report for ``methods`` (``train.methods`` order, then the external ones); detectors
+    have their own section, the others are about segmentation."""
     cfg = params.report
+    every, methods = methods, [m for m in methods if not m.detector]
     papers, figures = load_paper_figures(cfg.paper_figures)
     overview = Section("Overview").text(
         f"Methods: {', '.join(f'{m.label} ({m.arch})' for m in methods)}. Test sets: "
@@ -232,12 +305,14 @@ def build(params: Params, methods: list[MethodResults], crossval: dict | None, l
     pairs, leak_summary = leakage
     sections = [summary_section(methods, splits, cfg, params.seed), overview,
                 *results_sections(methods, papers, figures, crossval, params, splits),
-                *curve_sections(methods, params), *cost_sections(methods, crossval), significance,
-                leakage_section(pairs, leak_summary, facts)]
-    facts_out = {"methods": [m.name for m in methods if not m.external],
+                *curve_sections(methods, params), *detection_sections(every, params),
+                *cost_sections(every, crossval), significance, leakage_section(pairs, leak_summary, facts)]
+    facts_out = {"methods": [m.name for m in every if not m.external],
                  "external": [m.name for m in methods if m.external], "scheme": splits["scheme"],
                  "champion": (tables.champion(methods) or [None])[0],
                  "significant_pairs": int((sig_table.get("significant", pd.Series()) == "yes").sum()),
                  "comparisons": int(len(sig_table)), "leakage_pairs": int(leak_summary["pairs"]),
-                 "mean_dice": {f"{m.name}.{d}": s[MODEL_DICE] for m in methods for d, s in m.summary.items()}}
+                 "mean_dice": {f"{m.name}.{d}": s[MODEL_DICE] for m in methods for d, s in m.summary.items()},
+                 "box_ap50": {f"{m.name}.{d}": s["box_ap50"] for m in every for d, s in m.summary.items()
+                              if "box_ap50" in s}}
     return Report("polypflow evaluation report", sections, facts_out)

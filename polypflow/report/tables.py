@@ -181,7 +181,8 @@ def registry_table(methods: list[MethodResults]) -> pd.DataFrame:
             decision = entry.get("decision") or {}
             rows.append({"method": m.name, "registered model": entry.get("name", m.name), "version": entry["version"],
                          "champion at registration": "yes" if entry.get("champion") else "no",
-                         "decision": decision.get("reason", ""), "val Dice": m.train.get("val_dice"),
+                         "decision": decision.get("reason", ""),
+                         **({"val AP50": m.train.get("val_ap50")} if m.detector else {"val Dice": m.train.get("val_dice")}),
                          "threshold": m.train.get("threshold")})
     return pd.DataFrame(rows)
 

@@ -1,0 +1,118 @@
+"""A detection method through the same stages as a segmenter: train@, evaluate@, export@, profile@, register@."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, make_pair, read_params, stage_workdir, write_params
+from polypflow import predict
+from models import method_entry
+from polypflow.config import load_params
+from polypflow.layout import method_layout
+from stages import evaluate, export, ingest, profile, register, split, train, validate
+from stages import report as report_stage
+
+DETECTOR = {"arch": "gfl_atss", "model": {**method_entry("gfl_atss").test_kwargs, "pretrained": "none"},
+            "recipe": {"loss": "gfl", "epochs": 2}}
+
+
+@pytest.fixture
+def project(tmp_path, synthetic_root, monkeypatch):
+    root = stage_workdir(tmp_path, synthetic_root, monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    settings = read_params(root)
+    settings["methods"]["det"] = DETECTOR
+    settings["train"]["methods"] = ["unet", "det"]
+    settings["detection"]["min_box_area"] = 4
+    settings["report"]["paper_figures"] = str(REPO / "references" / "paper_figures.yaml")
+    write_params(root, settings)
+    params = load_params("params.yaml")
+    for stage in (ingest, validate, split):
+        stage.run(params)
+    return params
+
+
+def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_stages(project, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    params, client, tables = project, MlflowClient(), []
+    files = method_layout(params, "det")
+    metrics = train.run(params, "det")
+    assert set(metrics) >= {"val_ap50", "best_epoch", "threshold"} and "val_dice" not in metrics
+    assert metrics["threshold"] == params.detection.match_score
+    assert list(pd.read_csv(files.history).columns[:3]) == ["epoch", "train_loss", "val_ap50"]
+    assert list(pd.read_csv(files.val_scores).columns) == ["key", "f1"]
+
+    summary = evaluate.run(params, "det")
+    tested = {d for d, keys in json.loads(open(params.paths.splits).read())["test"].items() if keys}
+    assert set(summary) == tested and "gamma" in tested  # the seen test parts and the unseen set
+    for scores in summary.values():
+        assert {"box_ap", "box_ap50", "box_ap75", "box_ar100", "f1", "n_boxes"} <= set(scores)
+        assert scores["n_boxes"] >= scores["n"]  # every synthetic frame holds a polyp
+        assert 0 <= scores["f1"] <= 1 and (scores["box_ap50"] is None or 0 <= scores["box_ap50"] <= 1)
+    per_image = pd.read_csv(files.eval_table("per_image"))
+    assert set(per_image.columns) >= {"key", "tp", "fp", "fn", "f1", "n_truth", "dataset", "protocol"}
+    assert set(pd.read_csv(files.eval_table("pr")).columns) >= {"recall", "precision"}
+    cases = pd.read_csv(files.cases)
+    assert len(cases) and all((files.cases_dir / name).is_file() for name in cases["file"])
+
+    report = export.run(params, "det")
+    assert report["max_abs_diff"] <= params.export.atol and report["detections"]["same_count"]
+    cost = profile.run(params, "det")
+    assert cost["params"] > 0 and cost["onnxruntime"]["p50_ms"] > 0
+
+    record = register.run(params, "det")
+    assert record["global"]["name"] == params.tracking.global_detector and record["champion"] is True
+    version = client.get_model_version("det", "1")
+    assert version.tags["task"] == "detection"
+    assert ("test_box_ap50.gamma" in version.tags) == (summary["gamma"]["box_ap50"] is not None)
+    row = client.get_run(record["run_id"]).data.metrics
+    assert "val_ap50" in row and "test.gamma.dice" not in row
+
+    # predict draws the boxes of the checkpoint and of the registered model alike; serving answers boxes
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        make_pair(900 + i, size=80)[0].save(frames / f"f{i}.png")
+    for model in (str(files.model), "models:/det@champion"):
+        out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+        table, skipped = predict.run(model, frames, out, threshold=0.0)
+        assert not skipped and list(table.columns) == ["image", "n_boxes", "max_score", "boxes"]
+        assert sorted(p.name for p in (out / "overlays").iterdir()) == ["f0.png", "f1.png", "f2.png"]
+        assert all(len(json.loads(b)) == n for b, n in zip(table["boxes"], table["n_boxes"], strict=True))
+        tables.append(table)
+    assert tables[0]["boxes"].tolist() == tables[1]["boxes"].tolist()
+    served = mlflow.pyfunc.load_model("models:/det@champion")
+    encoded = base64.b64encode((frames / "f0.png").read_bytes()).decode()
+    answer = served.predict(pd.DataFrame({"image": [encoded]}), params={"threshold": 0.0})
+    assert json.loads(answer["boxes"][0]) == json.loads(tables[0]["boxes"][0])
+
+
+    # the segmenter beside it: its mask's components scored as boxes by the same code, and both in the report
+    train.run(params, "unet")
+    seg = evaluate.run(params, "unet")
+    for scores in seg.values():
+        assert {"box_ap", "box_ap50", "box_ap75", "box_ar100"} <= set(scores)
+        assert scores["box_ap50"] is None or 0 <= scores["box_ap50"] <= 1
+        assert scores["box_ap"] is None or scores["box_ap"] <= scores["box_ap50"] + 1e-9
+    for stage in (export, profile, register):
+        stage.run(params, "unet")
+    facts = report_stage.run(params)
+    assert facts["methods"] == ["unet", "det"] and set(facts["mean_dice"]) == {f"unet.{d}" for d in seg}
+    assert {f"det.{d}" for d in summary} | {f"unet.{d}" for d in seg} == set(facts["box_ap50"])
+    html = (params.paths.reports / "report.html").read_text()
+    assert "Detection: a dedicated detector" in html and "mask components" in html
+
+
+def test_a_detector_with_a_segmentation_loss_is_refused_before_anything_is_trained(project, tmp_path):
+    settings = read_params(tmp_path / "work")
+    settings["methods"]["det"]["recipe"]["loss"] = "bce_dice"
+    write_params(tmp_path / "work", settings)
+    with pytest.raises(ValueError, match=r"methods\.det\.recipe\.loss.*'gfl'"):
+        train.run(load_params("params.yaml"), "det")
+    assert not method_layout(load_params("params.yaml"), "det").checkpoint.exists()
