@@ -39,7 +39,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from models.encoders import Pretrained, create_encoder
 from models.registry import register_method
-from polypflow.detection.anchors import AnchorGrid, anchor_grid, distances_to_boxes, expected_distances
+from models.anchors import AnchorGrid, anchor_grid, distances_to_boxes, expected_distances
 
 PAPER = ("GFLv2: X. Li et al., Generalized Focal Loss V2, CVPR 2021; ATSS: S. Zhang et al., CVPR 2020; "
          "EndoCV 2021 detection entry (METHODS.md section 3)")

@@ -85,8 +85,8 @@ class SortedScores:
     def __init__(self, prob: np.ndarray, mask: np.ndarray) -> None:
         gt = mask.astype(bool)
         self.dtype = prob.dtype
-        self.fg = np.sort(prob[gt], kind="stable")
-        self.bg = np.sort(prob[~gt], kind="stable")
+        self.fg = np.sort(prob[gt])  # numpy's SIMD sort: several times faster than a stable one, the same values
+        self.bg = np.sort(prob[~gt])
 
     def counts(self, thresholds: Sequence[float] | np.ndarray) -> list[tuple[int, int, int, int]]:
         """(TP, FP, FN, TN) of ``prob >= t`` for each ``t`` (compared in the map's own dtype)."""

@@ -16,7 +16,7 @@ from polypflow import tracking
 from polypflow.config import Params, load_params
 
 STATE_TAG = "mlflow.sharedViewState."
-FIGURES = ["val_dice", "ort_p50_ms", "params_m", "gmacs_352"]
+FIGURES = ["val_dice", "ort_p50_ms"]  # the UI orders metric columns by name: latency, the test sets', val Dice
 
 
 def view_state(datasets: list[str]) -> dict:
@@ -48,7 +48,12 @@ def share(params: Params, datasets: list[str]) -> tuple[str, str]:
 
 
 def link(ui: str, experiment_id: str, key: str) -> str:
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={key}"
+    """The runs page with the shared view. MLflow 3.17's UI takes the experiment's kind from a global switch (not
+    from the ``mlflow.experimentKind`` tag) that defaults to GenAI and lands on its Overview, dropping the share
+    key on the way: ``/runs`` with ``workflowType=machine_learning`` opens the runs table with the view applied
+    (checked in headless Chromium)."""
+    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={key}")
 
 
 def main() -> None:

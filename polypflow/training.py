@@ -257,7 +257,7 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
                         scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
         log.info("epoch %d/%d train_loss %.4f %s", epoch + 1, recipe.epochs, train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")) +
-                 (" (val_dice_tuned: at the grid's best threshold)" if "val_dice_tuned" in metrics else ""))
+                 (" (tuned: at the grid's best threshold)" if "val_dice_tuned" in metrics else ""))
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
     if state["best_model"] is not None:

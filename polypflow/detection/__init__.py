@@ -20,7 +20,7 @@ the masks' connected components, so every dataset and split has boxes.
 | **ours**: GFLv2 head (shared towers, per-level scale, edge distributions), DGQP | no maintained package ships them | ``models/gfl_atss.py`` |
 | **ours**: ATSS assignment | | ``atss.py`` |
 | **ours**: Quality Focal Loss, Distribution Focal Loss, GFL's weighting | | ``losses.py`` |
-| **ours**: anchors and edge-distance coding | | ``anchors.py`` |
+| **ours**: anchors and edge-distance coding | | ``models/anchors.py`` |
 | **ours**: boxes from masks, Kvasir-SEG box agreement, boxes from a segmenter's map | | ``boxes.py``, ``evaluate.py`` |
 
 Boxes are ``(x1, y1, x2, y2)`` in continuous pixel coordinates, ``x2``/``y2`` exclusive (``x2 - x1`` is the
@@ -32,6 +32,6 @@ IoU >= 0.5 with mean IoU 0.987; the unmatched ones are mostly 1-3 pixel slivers 
 The exported ONNX graph stops before NMS (decoded boxes and scores for every anchor); NMS follows in
 ``models.gfl_atss.postprocess``, the same function PyTorch predictions go through.
 
-Modules: :mod:`.boxes` (targets), :mod:`.anchors`, :mod:`.atss`, :mod:`.losses`, :mod:`.data` (dataset,
+Modules: :mod:`.boxes` (targets), :mod:`models.anchors`, :mod:`.atss`, :mod:`.losses`, :mod:`.data` (dataset,
 collate), :mod:`.training` (loss of a batch, prediction, AP50), :mod:`.evaluate`, :mod:`.export`.
 """

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import box_iou
 
-from polypflow.detection.anchors import boxes_to_distances
+from models.anchors import boxes_to_distances
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from polypflow.detection.anchors import AnchorGrid, boxes_to_distances, distances_to_boxes, expected_distances
+from models.anchors import AnchorGrid, boxes_to_distances, distances_to_boxes, expected_distances
 from polypflow.detection.atss import Assignment
 
 QFL_WEIGHT, DFL_WEIGHT, GIOU_WEIGHT = 1.0, 0.25, 2.0

@@ -35,13 +35,17 @@ def _axes(n: int, width: float = 4.0, height: float = 3.4, stacked: bool = False
 
 
 def line_styles(methods: list[MethodResults]) -> dict[str, dict]:
-    """A distinct colour and dash per method, stable across figures (20 colours, then dashed, then dotted)."""
+    """A distinct colour and dash per method, stable across figures (20 colours, then dashed, then dotted);
+    published methods' maps in black."""
     import matplotlib
 
     colours = matplotlib.colormaps["tab20"].colors
     dashes = ["-", "--", ":", "-."]
-    return {m.name: {"color": colours[i % len(colours)], "ls": dashes[i // len(colours) % len(dashes)]}
-            for i, m in enumerate(methods)}
+    ours = [m for m in methods if not m.external]
+    styles = {m.name: {"color": colours[i % len(colours)], "ls": dashes[i // len(colours) % len(dashes)]}
+              for i, m in enumerate(ours)}
+    return {**styles, **{m.name: {"color": "black", "ls": dashes[i % len(dashes)]}  # published maps: black
+                         for i, m in enumerate(m for m in methods if m.external)}}
 
 
 def m_protocol(methods: list[MethodResults], dataset: str) -> str:
@@ -59,6 +63,7 @@ def summary_figure(methods: list[MethodResults], n_boot: int, seed: int, confide
     datasets = datasets_of(methods)
     fig, axes = _axes(len(datasets), width=3.3, height=0.6 + 0.28 * len(methods))
     order = sorted(methods, key=lambda m: (m.external, m.name))
+    lows, highs = [], []
     for col, (ax, dataset) in enumerate(zip(axes, datasets, strict=True)):
         for row, m in enumerate(order):
             dice = m.per_image.loc[m.per_image["dataset"] == dataset, MODEL_DICE].to_numpy() if len(m.per_image) else []
@@ -67,12 +72,17 @@ def summary_figure(methods: list[MethodResults], n_boot: int, seed: int, confide
                 colour = "black" if m.external else "tab:blue"
                 ax.errorbar(ci.mean, row, xerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="o", ms=4,
                             color=colour, ecolor=colour, capsize=2, lw=1)
+                lows.append(ci.low)
+                highs.append(ci.high)
         if paper_lines and dataset in paper_lines:
             ax.axvline(paper_lines[dataset], color="tab:red", ls="--", lw=1)
         ax.set_yticks(range(len(order)), [m.label for m in order] if col == 0 else [""] * len(order), fontsize=8)
         ax.set_ylim(len(order) - 0.5, -0.5)
-        ax.set(title=f"{dataset} ({m_protocol(methods, dataset)})", xlabel="mDice", xlim=(0, 1))
+        ax.set(title=f"{dataset} ({m_protocol(methods, dataset)})", xlabel="mDice")
         ax.grid(alpha=0.3, axis="x")
+    if lows:  # one x range for every panel, fitted to the intervals (a 0..1 axis squashes them)
+        for ax in axes:
+            ax.set_xlim(max(0.0, min(lows) - 0.03), min(1.0, max(highs) + 0.03))
     return png(fig)
 
 

@@ -58,7 +58,7 @@ def summary_table(methods: list[MethodResults], datasets: list[str], n_boot: int
             else:
                 row[dataset] = "—"
         p = m.profile or {}
-        row["params (M)"] = p["params"] / 1e6 if p else None
+        row["params (M)"] = round(p["params"] / 1e6, 2) if p else None
         row["latency p50 ms (ORT)"] = (p.get("onnxruntime") or {}).get("p50_ms") if p else None
         rows.append(row)
     return pd.DataFrame(rows)
@@ -75,6 +75,8 @@ def comparability(m: MethodResults, figure: pd.Series, paper: dict, ours: dict) 
         reasons.append(f"protocol {split or 'unstated'} vs ours {ours['scheme']}")
     if figure["scope"] != "profile" and paper.get("image_size") and m.image_size and paper["image_size"] != m.image_size:
         reasons.append(f"input {paper['image_size']} px vs ours {m.image_size} px")
+    if figure["metric"] == "params_m" and "decoder only" in str(figure.get("variant", "")):
+        reasons.append("the paper counts the decoder only; ours is the whole model")
     if figure["metric"] == "fps":
         device = (m.profile or {}).get("device_name") or (m.profile or {}).get("device") or "none"
         if paper.get("device") != device:

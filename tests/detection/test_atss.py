@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from polypflow.detection.anchors import anchor_grid, boxes_to_distances, distances_to_boxes, expected_distances
+from models.anchors import anchor_grid, boxes_to_distances, distances_to_boxes, expected_distances
 from polypflow.detection.atss import atss_assign
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from polypflow.detection.anchors import AnchorGrid
+from models.anchors import AnchorGrid
 from polypflow.detection.atss import Assignment
 from polypflow.detection.losses import distribution_focal_loss, gfl_loss, quality_focal_loss
 
