@@ -134,9 +134,14 @@ class SegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data.keys)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def augmented(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ``i``'s uint8 image and mask, through the augmentation when there is one."""
         image, mask = self.data.images[i], self.data.masks[i]
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
+        return image, mask
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.augmented(i)
         return to_tensor(image, self.normalize), torch.from_numpy(np.ascontiguousarray(mask)).float()[None]

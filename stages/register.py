@@ -2,14 +2,14 @@
 
 Runs after the method was trained, evaluated, exported and profiled, and reads only their outputs. Its MLflow
 run, named after the method, is the method's row in the runs table: validation and test Dice per set, the
-toolbox's meanDic (a detector's box AP and AP50, also a segmenter's mask components' as boxes), latency, size
-and ONNX parity as metrics, the datasets the model was trained, validated and
-tested on as dataset inputs, and the ids of the stage runs behind them as tags. The model the training run
-logged is registered under the method's name and as a version of ``tracking.global_model`` (a detector:
-``tracking.global_detector``), tagged with what a
-user ships it by (input size, normalisation, threshold, test Dice, latency, the ONNX file); ``champion`` moves
-to it only on a significant paired-bootstrap gain in validation Dice (``tracking.promotion``). Weights already
-registered are not registered again. Writes ``artifacts/registry/<method>/registered.json``.
+toolbox's meanDic, box AP and AP50 (a detector's boxes, a segmenter's mask components), latency, size and ONNX
+parity as metrics, the datasets the model was trained, validated and tested on as dataset inputs, and the ids of
+the stage runs behind them as tags. The model the training run logged is registered under the method's name and
+as a version of ``tracking.global_model`` (a detector's: ``tracking.global_detector``), tagged with what a user
+ships it by (input size, normalisation, threshold, test figures, latency, the ONNX file); ``champion`` moves to it
+only on a significant paired-bootstrap gain in its per-image validation score (Dice; a detector's box F1) over the
+champion's (``tracking.promotion``). Weights already registered are not registered again. Writes
+``artifacts/registry/<method>/registered.json``.
 """
 
 from __future__ import annotations

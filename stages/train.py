@@ -59,8 +59,8 @@ def log_model(model: torch.nn.Module, meta: dict, limits: Validate | None = None
     from polypflow import serving
 
     bounds = SizeLimits(limits.min_side, limits.max_side) if limits is not None else SizeLimits()
-    log = serving.log_detector if task == "detection" else serving.log_model
-    return log(model.cpu(), meta, bounds)
+    log_served = serving.log_detector if task == "detection" else serving.log_model
+    return log_served(model.cpu(), meta, bounds)
 
 
 def val_metric(plan: MethodPlan) -> str:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from polypflow.data import ImageSet, augmentation, to_tensor
+from polypflow.data import ImageSet, SegDataset, to_tensor
 from polypflow.detection.boxes import mask_to_boxes
 
 
@@ -25,24 +24,16 @@ def image_boxes(masks: np.ndarray, min_area: int) -> list[torch.Tensor]:
     return [torch.from_numpy(mask_to_boxes(mask, min_area).boxes) for mask in masks]
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(SegDataset):
     """(image 3×S×S float, boxes K×4 float32) from an :class:`ImageSet`, boxes from the (augmented) mask;
     components below ``min_area`` pixels (at the cached size) are not boxes."""
 
     def __init__(self, data: ImageSet, normalize: str, augment: str = "none", min_area: int = 0) -> None:
-        self.data = data
-        self.normalize = normalize
-        self.transform = augmentation(augment)
+        super().__init__(data, normalize, augment)
         self.min_area = min_area
 
-    def __len__(self) -> int:
-        return len(self.data.keys)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.data.images[i], self.data.masks[i]
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
+        image, mask = self.augmented(i)
         return to_tensor(image, self.normalize), torch.from_numpy(mask_to_boxes(mask, self.min_area).boxes)
 
 

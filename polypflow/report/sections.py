@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,6 +124,15 @@ def results_sections(methods, papers, figures, crossval, params: Params, splits:
     return [main, paper]
 
 
+def case_figures(section: Section, m: MethodResults, score: Callable[[pd.Series], str]) -> None:
+    """The best and worst cases evaluate drew for ``m`` (``cases/cases.csv``), captioned with ``score(case)``."""
+    for _, c in m.cases.iterrows():
+        path = m.eval_dir / "cases" / c["file"]
+        if path.exists():
+            section.figure(f"case_{m.name}_{Path(c['file']).stem}", path.read_bytes(),
+                           f"{m.label} · {c['dataset']} · {c['kind']} {c['rank']}: {c['key']} ({score(c)})")
+
+
 def curve_sections(methods: list[MethodResults], params: Params) -> list[Section]:
     low, high = params.evaluate.sweep
     curves = Section("Curves and distributions")
@@ -141,11 +151,7 @@ def curve_sections(methods: list[MethodResults], params: Params) -> list[Section
         "Per test set, the images with the highest and lowest Dice at the method's threshold: the image, then the "
         "prediction at that threshold in red (filled, with its outline) and the ground-truth outline in green.")
     for m in methods:
-        for _, c in m.cases.iterrows():
-            path = m.eval_dir / "cases" / c["file"]
-            if path.exists():
-                cases.figure(f"case_{m.name}_{Path(c['file']).stem}", path.read_bytes(),
-                             f"{m.label} · {c['dataset']} · {c['kind']} {c['rank']}: {c['key']} (Dice {c['dice']:.3f})")
+        case_figures(cases, m, lambda c: f"Dice {c['dice']:.3f}")
     gradcam = Section("Grad-CAM").text(
         "Panels written by evaluate: image | ground truth | prediction | Grad-CAM heatmap of the main map's "
         "predicted-polyp logits at the last conv layer feeding it (polypflow/gradcam.py).")
@@ -219,6 +225,22 @@ def leakage_section(pairs: pd.DataFrame, summary: dict, facts: pd.DataFrame, sho
     return section
 
 
+def fmt_ap(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def best_mask_boxes(methods: list[MethodResults]) -> str:
+    """Per test set, the highest box AP50 of a segmenter's (or published maps') mask components, and whose."""
+    parts = []
+    for dataset in fig.datasets_of(methods):
+        scored = [(m.summary[dataset]["box_ap50"], m.label) for m in methods
+                  if m.summary.get(dataset, {}).get("box_ap50") is not None]
+        if scored:
+            value, label = max(scored)
+            parts.append(f"{dataset} {value:.3f} ({label})")
+    return "; ".join(parts) or "none scored"
+
+
 BOX_METRICS = {"box_ap": "AP", "box_ap50": "AP50", "box_ap75": "AP75", "box_ar100": "AR100"}
 
 
@@ -277,12 +299,8 @@ def detection_sections(methods: list[MethodResults], params: Params) -> list[Sec
                                                         "precision"),
                        "Detectors: COCO's interpolated precision-recall curve at IoU 0.5.")
         for m in detectors:
-            for _, c in m.cases.iterrows():
-                path = m.eval_dir / "cases" / c["file"]
-                if path.exists():
-                    section.figure(f"case_{m.name}_{Path(c['file']).stem}", path.read_bytes(),
-                                   f"{m.label} · {c['dataset']} · {c['kind']} {c['rank']}: {c['key']} (box F1 "
-                                   f"{c['f1']:.2f}; truth green, boxes scoring >= {cfg.match_score:g} red)")
+            case_figures(section, m, lambda c: f"box F1 {c['f1']:.2f}; truth green, boxes scoring >= "
+                                               f"{cfg.match_score:g} red")
         registry = tables.registry_table(detectors)
         if len(registry):
             section.table(registry, "Detectors' registration (champion by a paired bootstrap of validation box F1)")
@@ -303,7 +321,13 @@ def build(params: Params, methods: list[MethodResults], crossval: dict | None, l
         + f". Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.")
     significance, sig_table = significance_section(methods, cfg, params.seed)
     pairs, leak_summary = leakage
-    sections = [summary_section(methods, splits, cfg, params.seed), overview,
+    summary = summary_section(methods, splits, cfg, params.seed)
+    detectors = [m for m in every if m.detector]
+    if detectors:
+        summary.text("Detection, box AP50 per test set (COCO; see 'Detection'): " + "; ".join(
+            f"{m.label}: " + ", ".join(f"{d} {fmt_ap(s.get('box_ap50'))}" for d, s in m.summary.items())
+            for m in detectors) + ". Best boxes from a segmenter's mask components: " + best_mask_boxes(methods) + ".")
+    sections = [summary, overview,
                 *results_sections(methods, papers, figures, crossval, params, splits),
                 *curve_sections(methods, params), *detection_sections(every, params),
                 *cost_sections(every, crossval), significance, leakage_section(pairs, leak_summary, facts)]
