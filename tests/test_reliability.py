@@ -122,8 +122,11 @@ def stage_process(root: Path, *, via_parent: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "stages.train", "--method", "unet", "--no-resume"]
     if via_parent:
         cmd = [sys.executable, "-c", f"import subprocess, sys; sys.exit(subprocess.call({cmd!r}))"]
+    # Ctrl-C reaches the stage as at a terminal, even when the tests themselves run in the background (a shell's
+    # `cmd &` starts them with SIGINT ignored, which their children inherit)
     return subprocess.Popen(cmd, cwd=root, env={**os.environ}, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def running_train_run(timeout: float = 300):
@@ -148,7 +151,7 @@ def status_of(run_id: str) -> str:
 
 @pytest.fixture
 def long_training(one_epoch):
-    edit(one_epoch, lambda p: p["train"]["defaults"].update(epochs=200))
+    edit(one_epoch, lambda p: p["train"]["defaults"].update(epochs=200, early_stop_patience=200))  # not done early
     return one_epoch
 
 
