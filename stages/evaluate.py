@@ -113,7 +113,6 @@ def score_dataset(keys: list[str], probs: Sequence[np.ndarray], method_threshold
     """Per-image metrics, the mean PR curve, threshold sweep and toolbox curves of one test set, each map
     resized to its mask's original resolution; with ``boxes``, also each mask's ground-truth boxes and the map's
     components as boxes at ``method_threshold`` (``DatasetScores.boxes``)."""
-    from polypflow.detection.boxes import mask_to_boxes
     from polypflow.detection.evaluate import boxes_from_probability
 
     pr_t, sweep_t = np.linspace(0, 1, params.evaluate.pr_points), sweep_thresholds(params.evaluate)
@@ -124,7 +123,7 @@ def score_dataset(keys: list[str], probs: Sequence[np.ndarray], method_threshold
         gt = read_mask(mask_path, params.validate_.mask_threshold)
         full = to_resolution(prob, gt.shape)
         scores = score_image(full, gt, params.evaluate.threshold, method_threshold, pr_t, sweep_t)
-        found = (torch.from_numpy(mask_to_boxes(gt, cfg.min_box_area).boxes),
+        found = (gt_boxes(gt, params),
                  boxes_from_probability(full, method_threshold, cfg.min_box_area)) if boxes else None
         return scores, found
 
@@ -152,9 +151,13 @@ def case_image(image_path: str, mask_path: str, prob: np.ndarray, threshold: flo
     full = cv2.resize(prob, gt.shape[::-1], interpolation=cv2.INTER_LINEAR)
     if image.shape[:2] != gt.shape:
         image = cv2.resize(image, gt.shape[::-1], interpolation=cv2.INTER_AREA)
-    pair = np.concatenate([image, draw_overlay(image, full >= threshold, gt)], axis=1)
-    scale = CASE_HEIGHT / pair.shape[0]
-    return cv2.resize(pair, (round(pair.shape[1] * scale), CASE_HEIGHT), interpolation=cv2.INTER_AREA)
+    return to_case_height(np.concatenate([image, draw_overlay(image, full >= threshold, gt)], axis=1))
+
+
+def to_case_height(image: np.ndarray) -> np.ndarray:
+    """A drawn case scaled to ``CASE_HEIGHT`` pixels high (area interpolation)."""
+    scale = CASE_HEIGHT / image.shape[0]
+    return cv2.resize(image, (round(image.shape[1] * scale), CASE_HEIGHT), interpolation=cv2.INTER_AREA)
 
 
 def draw_cases(scores: DatasetScores, dataset: str, facts: pd.DataFrame, params: Params, threshold: float,
@@ -238,14 +241,18 @@ def evaluate_all(maps: ProbabilityMaps, method_threshold: float, params: Params,
 # ---------------------------------------------------------------- boxes: a detector's, and a segmenter's mask's
 
 
-def truth_boxes(facts: pd.DataFrame, keys: list[str], params: Params) -> list[torch.Tensor]:
-    """Ground-truth boxes of each image at its mask's own resolution: one per connected component of at least
+def gt_boxes(mask: np.ndarray, params: Params) -> torch.Tensor:
+    """Ground-truth boxes of one mask at its own resolution: one per connected component of at least
     ``detection.min_box_area`` pixels."""
     from polypflow.detection.boxes import mask_to_boxes
 
+    return torch.from_numpy(mask_to_boxes(mask, params.detection.min_box_area).boxes)
+
+
+def truth_boxes(facts: pd.DataFrame, keys: list[str], params: Params) -> list[torch.Tensor]:
+    """:func:`gt_boxes` of each image's mask."""
     paths = rows_of(facts, keys)["mask_path"]
-    return [torch.from_numpy(mask_to_boxes(read_mask(path, params.validate_.mask_threshold),
-                                           params.detection.min_box_area).boxes) for path in paths]
+    return [gt_boxes(read_mask(path, params.validate_.mask_threshold), params) for path in paths]
 
 
 def mask_box_metrics(scores: DatasetScores) -> dict[str, float]:
@@ -287,10 +294,8 @@ def draw_box_cases(per_image: pd.DataFrame, predictions: list, truth: list[torch
     for kind, rank, i in pick_cases(per_image, params.evaluate.cases):
         key = per_image.iloc[i]["key"]
         image = read_image(rows_of(facts, [key]).iloc[0]["image_path"])
-        drawn = draw_boxes(image, truth[i], predictions[i], params.detection.match_score)
-        scale = CASE_HEIGHT / drawn.shape[0]
         name = f"{dataset}_{kind}{rank}.png"
-        write_png(out / name, cv2.resize(drawn, (round(drawn.shape[1] * scale), CASE_HEIGHT), interpolation=cv2.INTER_AREA))
+        write_png(out / name, to_case_height(draw_boxes(image, truth[i], predictions[i], params.detection.match_score)))
         rows.append({"dataset": dataset, "kind": kind, "rank": rank, "key": key,
                      "f1": float(per_image.iloc[i]["f1"]), "file": name})
     return rows

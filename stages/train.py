@@ -22,7 +22,7 @@ from polypflow.io import atomic_path, write_json
 from polypflow.layout import method_layout, read_facts, read_splits
 from polypflow.metrics import dice_batch
 from polypflow.training import (FitResult, MethodPlan, fit_plan, plan_method, predict_probs, resolve_device,
-                                save_trained, training_min_area)
+                                plan_task, save_trained, training_min_area)
 from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,6 @@ def log_model(model: torch.nn.Module, meta: dict, limits: Validate | None = None
     return log_served(model.cpu(), meta, bounds)
 
 
-def val_metric(plan: MethodPlan) -> str:
-    """What the method's epochs are selected on: ``val_dice`` for a segmenter, ``val_ap50`` for a detector."""
-    return "val_ap50" if plan.task == "detection" else "val_dice"
-
-
 def training_plan(params: Params, method: str) -> MethodPlan:
     """``method`` on the split's train set (subsampled to the recipe's limit), selected on its val set."""
     splits = read_splits(params)
@@ -99,7 +94,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         if hasattr(model, "threshold") and isinstance(model.threshold, torch.Tensor):
             model.threshold.fill_(result.threshold)
         mean, std = NORMALIZATION[plan.recipe.normalize]
-        metric = val_metric(plan)  # val_dice, or a detector's val_ap50
+        metric = plan_task(params, plan).metric  # val_dice, or a detector's val_ap50
         meta = {"method": method, "arch": plan.arch, "task": plan.task, "model_kwargs": plan.kwargs,
                 "image_size": plan.recipe.image_size, "normalize": plan.recipe.normalize, "mean": list(mean),
                 "std": list(std), "threshold": result.threshold, metric: result.best_val_dice,
