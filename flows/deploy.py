@@ -22,7 +22,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
-from polypflow.config import Schedule, load_params
+from polypflow.settings.config import Schedule, load_params
 
 ENTRYPOINT = "flows/pipeline.py:polypflow_pipeline"
 

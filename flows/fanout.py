@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
-from polypflow.config import Fanout, Params
+from polypflow.settings.config import Fanout, Params
 
 GPU = "GPU"  # the Dask worker resource a fit holds
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.fanout import fit_jobs, run_fan_out
-from polypflow.config import load_params
-from polypflow.layout import method_layout
+from polypflow.settings.config import load_params
+from polypflow.settings.layout import method_layout
 from stages._cli import PERMANENT
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect.schedules import Cron
 
 from flows.pipeline import polypflow_pipeline
-from polypflow.config import load_params
+from polypflow.settings.config import load_params
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Anchor points, square anchors and GFL's edge-distance coding (boxes x1, y1, x2, y2 in pixels, as in
-:mod:`polypflow.detection.boxes`). Beside the detector that uses them, so ``models`` never imports ``polypflow``.
+:mod:`polypflow.data.boxes`). Beside the detector that uses them, so ``models`` never imports ``polypflow``.
 
 One anchor per feature-map location (ATSS, Zhang et al. CVPR 2020): centred on the location's pixel
 centre ``((j + 0.5) * stride, (i + 0.5) * stride)``, square, side ``scale * stride`` (ATSS's 8). (mmdet

@@ -2,7 +2,7 @@
 
 A backbone (UNet, UNet++ or SegNet, built through the registry) predicts a map; a refinement stage
 re-predicts it. The four strategies of the paper differ only in the refinement stage and in the
-recipe's loss (see :class:`CRIS`); the interleaved dual loss lives in :mod:`polypflow.losses`.
+recipe's loss (see :class:`CRIS`); the interleaved dual loss lives in :mod:`polypflow.train.losses`.
 """
 
 from __future__ import annotations

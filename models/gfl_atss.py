@@ -1,9 +1,9 @@
 """One-stage polyp detector: ATSS sample selection + Generalized Focal Loss v2 on an FPN over a timm encoder.
 
 The detection system of the EndoCV 2021 entry (METHODS.md section 3): ATSS (S. Zhang et al., CVPR 2020)
-chooses the training anchors (:mod:`polypflow.detection.atss`), GFLv2 (X. Li et al., "Generalized Focal
+chooses the training anchors (:mod:`polypflow.train.gfl.atss`), GFLv2 (X. Li et al., "Generalized Focal
 Loss V2: Learning Reliable Localization Quality Estimation for Dense Object Detection", CVPR 2021) is the
-head and its loss (:mod:`polypflow.detection.losses`).
+head and its loss (:mod:`polypflow.train.gfl.losses`).
 
 * **Encoder**: a timm ``features_only`` model (EfficientNet-Lite0 with offline ImageNet weights by
   default), its stride 8, 16 and 32 maps.

@@ -72,7 +72,7 @@ class HRNetLowRank(nn.Module):
         self.lowrank = LowRankModule(channels, rank) if lowrank else None
         self.head_l = nn.Sequential(nn.BatchNorm2d(channels), nn.Conv2d(channels, 1, 1)) if lowrank else None
         self.head_p = nn.Conv2d(channels, 1, kernel_size=1)
-        # the layer Grad-CAM explains by default (polypflow.gradcam): the map the main head reads
+        # the layer Grad-CAM explains by default (polypflow.evaluate.gradcam): the map the main head reads
         self.gradcam_target = "lowrank" if lowrank else "fuse"
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

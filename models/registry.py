@@ -4,7 +4,7 @@ Output contract shared by every segmentation method: ``forward(x)`` returns a tu
 input's spatial size, the main prediction first and any deep-supervision maps after. One trainer, one
 loss module and one exporter serve every method through this contract. Detection methods
 (``task="detection"``) return raw per-level head outputs instead and decode them to boxes themselves
-(see :mod:`models.gfl_atss`); callers branch on :func:`method_task`.
+(see :mod:`models.gfl_atss`); what a task means is ``polypflow.tasks``' (its ``task_of``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 from torch import nn
 
 Builder = Callable[..., nn.Module]
-Task = Literal["segmentation", "detection"]
+Task = str  # what a method predicts: "segmentation" (the default), "detection"; polypflow.tasks knows each
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,6 @@ def register_method(
     name: str, *, paper: str, test_kwargs: dict[str, Any] | None = None, task: Task = "segmentation"
 ) -> Callable[[Builder], Builder]:
     """Register ``builder`` under ``name``; a second registration of the same name is an error."""
-    if task not in get_args(Task):
-        raise ValueError(f"method {name!r}: task must be one of {get_args(Task)}, got {task!r}")
-
     def decorate(builder: Builder) -> Builder:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")

@@ -1,7 +1,7 @@
 """PolypSeg-GradCAM's segmenter: a UNet on a ResNet-34 encoder (METHODS.md section 5).
 
 The explainability half of the paper (Grad-CAM on the last decoder features) lives in
-:mod:`polypflow.gradcam` and works for every registered method.
+:mod:`polypflow.evaluate.gradcam` and works for every registered method.
 """
 
 from __future__ import annotations

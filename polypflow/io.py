@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 
@@ -64,3 +65,14 @@ def sha256_stream(stream: BinaryIO) -> str:
 def sha256_file(path: Path | str) -> str:
     with open(path, "rb") as stream:
         return sha256_stream(stream)
+
+
+def write_csv(target: Path | str, table: pd.DataFrame) -> None:
+    """A table as CSV without its index."""
+    with atomic_path(target, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def read_json(path: Path | str) -> Any:
+    with open(path) as f:
+        return json.load(f)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from polypflow.config import Params, ParamsError, load_params
+from polypflow.settings.config import Params, ParamsError, load_params
 
 log = logging.getLogger("polypflow")
 # ends the one line of an error that the same input and settings will raise again: flows do not retry it

@@ -12,11 +12,15 @@ import logging
 
 import pandas as pd
 
-from polypflow import tracking
-from polypflow.config import Params, Recipe
+import mlflow
+
+from polypflow.track import runs as tracking
+from polypflow.settings.config import Params, Recipe
 from polypflow.io import atomic_path, write_json
-from polypflow.layout import method_layout, read_splits
-from polypflow.training import FitResult, fit_plan, plan_method
+from polypflow.data.images import read_splits
+from polypflow.settings.layout import method_layout
+from polypflow.tasks.plan import fit_plan, plan_method
+from polypflow.train.engine import FitResult
 from stages._cli import main, parser, project_params
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,6 @@ def fit_fold(params: Params, fold: int, resume: bool = True, on_epoch=None) -> t
 
 def run(params: Params, resume: bool = True) -> dict:
     """Train and score every fold; write ``folds.csv`` and ``summary.json``."""
-    import mlflow
-
     method, recipe = params.crossval.method, crossval_recipe(params)
     k = read_splits(params)["folds"]["k"]
     rows = []
@@ -62,7 +64,7 @@ def run(params: Params, resume: bool = True) -> dict:
                 result, n_train, n_held_out = fit_fold(params, fold, resume, epochs)
                 epochs.backfill(result.history)
                 row = {"fold": fold, "n_train": n_train, "n_held_out": n_held_out,
-                       "dice": result.history[-1]["val_dice"], "dice_best_epoch": result.best_val_dice}
+                       "dice": result.history[-1]["val_dice"], "dice_best_epoch": result.best_score}
                 mlflow.log_metrics({"fold_dice": row["dice"]})
             rows.append(row)
             log.info("fold %d/%d: Dice %.4f", fold + 1, k, row["dice"])

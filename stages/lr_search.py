@@ -14,11 +14,15 @@ import tempfile
 from pathlib import Path
 
 
-from polypflow import tracking
-from polypflow.config import Params
+import mlflow
+import optuna
+
+from polypflow.track import runs as tracking
+from polypflow.settings.config import Params
 from polypflow.io import atomic_path, write_json
-from polypflow.layout import method_layout, read_splits
-from polypflow.training import fit_plan, plan_method
+from polypflow.data.images import read_splits
+from polypflow.settings.layout import method_layout
+from polypflow.tasks.plan import fit_plan, plan_method
 from stages._cli import method_main
 
 log = logging.getLogger(__name__)
@@ -26,9 +30,6 @@ log = logging.getLogger(__name__)
 
 def objective_factory(params: Params, method: str, parent_run_id: str, workdir: Path):
     """An Optuna objective: train with the trial's learning rate, return the best validation Dice."""
-    import mlflow
-    import optuna
-
     cfg = params.lr_search
     splits = read_splits(params)
     base = plan_method(params, method, splits["train"], splits["val"], params.recipe(method, cfg.recipe))
@@ -47,16 +48,13 @@ def objective_factory(params: Params, method: str, parent_run_id: str, workdir: 
                                 run_name=f"lr_search-{method}-trial{trial.number}"):
             mlflow.log_param("lr", lr)
             _, result = fit_plan(params, plan, workdir / f"trial{trial.number}.pt", resume=False, on_epoch=report)
-            return result.best_val_dice
+            return result.best_score
 
     return objective
 
 
 def run(params: Params, method: str) -> dict:
     """Search the learning rate of ``method``; write the trials and the best value."""
-    import mlflow
-    import optuna
-
     cfg = params.lr_search
     sampler = optuna.samplers.TPESampler(seed=params.seed)
     study = optuna.create_study(direction="maximize", sampler=sampler,

@@ -8,39 +8,25 @@ batch size of ``profile.batch_size``.
 from __future__ import annotations
 
 import logging
-import platform
 
+import mlflow
 import torch
 
-from polypflow import tracking
-from polypflow.config import Params
-from polypflow.io import write_json
-from polypflow.onnx_export import onnx_session
-from polypflow.layout import method_layout, read_json
-from polypflow.profiling import count_macs, count_params, ort_latency, torch_latency
-from polypflow.training import load_trained, resolve_device
+from polypflow.track import runs as tracking
+from polypflow.settings.config import Params
+from polypflow.infer.onnx import onnx_session
+from polypflow.io import read_json, write_json
+from polypflow.settings.layout import method_layout
+from polypflow.evaluate.profiling import count_macs, count_params, device_name, ort_latency, torch_latency
+from polypflow.infer.device import resolve_device
+from polypflow.train.checkpoint import load_trained
 from stages._cli import method_main
 
 log = logging.getLogger(__name__)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()}"
-
-
 def run(params: Params, method: str) -> dict:
     """Profile ``method``'s trained model and its ONNX export; write ``profile.json``."""
-    import mlflow
-
     cfg = params.profile
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -62,7 +48,8 @@ def run(params: Params, method: str) -> dict:
         "onnxruntime": ort_latency(session, size, cfg.batch_size, cfg.warmup, cfg.iterations),
     }
     write_json(files.profile, report)
-    flat = {"params": report["params"], "gmacs_352": report["macs_at_macs_image_size"] / 1e9,
+    gmacs = f"gmacs_{cfg.macs_image_size}"  # GMACs at the papers' reference size
+    flat = {"params": report["params"], gmacs: report["macs_at_macs_image_size"] / 1e9,
             "torch_p50_ms": report["torch"]["p50_ms"], "torch_p95_ms": report["torch"]["p95_ms"],
             "torch_fps": report["torch"]["fps"], "ort_p50_ms": report["onnxruntime"]["p50_ms"],
             "ort_p95_ms": report["onnxruntime"]["p95_ms"], "ort_fps": report["onnxruntime"]["fps"]}
@@ -71,7 +58,7 @@ def run(params: Params, method: str) -> dict:
         mlflow.log_dict(report, "profile.json")
     write_json(files.run_record("profile"), {"run_id": run.info.run_id})
     log.info("%s: %.2f M params, %.2f GMACs@%d, torch p50 %.1f ms, ORT p50 %.1f ms", method, report["params"] / 1e6,
-             flat["gmacs_352"], cfg.macs_image_size, flat["torch_p50_ms"], flat["ort_p50_ms"])
+             flat[gmacs], cfg.macs_image_size, flat["torch_p50_ms"], flat["ort_p50_ms"])
     return report
 
 

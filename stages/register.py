@@ -5,7 +5,7 @@ run, named after the method, is the method's row in the runs table: validation a
 toolbox's meanDic, box AP and AP50 (a detector's boxes, a segmenter's mask components), latency, size and ONNX
 parity as metrics, the datasets the model was trained, validated and tested on as dataset inputs, and the ids of
 the stage runs behind them as tags. The model the training run logged is registered under the method's name and
-as a version of ``tracking.global_model`` (a detector's: ``tracking.global_detector``), tagged with what a user
+as a version of its task's cross-method model (``tracking.global_models``), tagged with what a user
 ships it by (input size, normalisation, threshold, test figures, latency, the ONNX file); ``champion`` moves to it
 only on a significant paired-bootstrap gain in its per-image validation score (Dice; a detector's box F1) over the
 champion's (``tracking.promotion``). Weights already registered are not registered again. Writes
@@ -17,31 +17,30 @@ from __future__ import annotations
 import json
 import logging
 
+import mlflow
 import pandas as pd
 
-from polypflow import mlflow_view, tracking
-from polypflow.config import Params
-from polypflow.io import write_json
-from polypflow.layout import MethodLayout, method_layout, read_json, read_splits
-from polypflow.metrics import MODEL_DICE
-from polypflow.training import load_checkpoint, weights_digest
+from polypflow.data.images import read_splits
+from polypflow.evaluate.seg_metrics import MODEL_DICE
+from polypflow.io import read_json, write_json
+from polypflow.settings.config import Params
+from polypflow.settings.layout import MethodLayout, method_layout
+from polypflow.tasks import Task, task_of
+from polypflow.track import registry
+from polypflow.track import runs as tracking
+from polypflow.track import view as mlflow_view
+from polypflow.train.checkpoint import load_checkpoint, weights_digest
 from stages._cli import method_main
 
 log = logging.getLogger(__name__)
 
 
-def val_metric(files: MethodLayout) -> str:
-    """What the method was selected and is promoted on: ``val_dice``, or a detector's ``val_ap50``."""
-    return "val_ap50" if "val_ap50" in read_json(files.metrics) else "val_dice"
-
-
-def headline(files: MethodLayout) -> dict[str, float]:
+def headline(files: MethodLayout, task: type[Task], gmacs: str) -> dict[str, float]:
     """The figures a user compares methods by: validation and test Dice (a detector's AP), the box AP of each
     test set (a segmenter's mask components, or the detector's boxes), latency, size, ONNX parity."""
     train, summary, profile = read_json(files.metrics), read_json(files.eval_summary), read_json(files.profile)
-    metric = val_metric(files)
-    out = {metric: train[metric], "threshold": train["threshold"],
-           "params_m": profile["params"] / 1e6, "gmacs_352": profile["macs_at_macs_image_size"] / 1e9,
+    out = {task.metric: train[task.metric], "val_score": train[task.metric], "threshold": train["threshold"],
+           "params_m": profile["params"] / 1e6, gmacs: profile["macs_at_macs_image_size"] / 1e9,
            "torch_p50_ms": profile["torch"]["p50_ms"], "ort_p50_ms": profile["onnxruntime"]["p50_ms"],
            "onnx_max_abs_diff": read_json(files.parity)["max_abs_diff"]}
     for dataset, s in summary.items():
@@ -54,29 +53,28 @@ def headline(files: MethodLayout) -> dict[str, float]:
     return out
 
 
-def version_tags(files: MethodLayout, figures: dict[str, float], export_run: str) -> dict[str, str]:
+def version_tags(files: MethodLayout, figures: dict[str, float], export_run: str, metric: str) -> dict[str, str]:
     """What a registered version carries: how to feed it, its threshold, its figures, its ONNX file, its weights."""
     state = load_checkpoint(files.model)
     tags = {k: state[k] for k in ("method", "arch", "task", "image_size", "normalize", "mean", "std", "threshold",
-                                  "val_dice", "val_ap50", "best_epoch") if k in state}
+                                  metric, "best_epoch") if k in state}
     tags["model_kwargs"] = json.dumps(state["model_kwargs"])
     tags.update({f"test_dice.{k.split('.')[1]}": f"{v:.4f}" for k, v in figures.items() if k.endswith(".dice")})
     tags.update({f"test_meandic.{k.split('.')[1]}": f"{v:.4f}" for k, v in figures.items() if k.endswith(".meanDic")})
     tags.update({f"test_box_ap50.{k.split('.')[1]}": f"{v:.4f}" for k, v in figures.items() if k.endswith(".box_ap50")})
     tags.update({"ort_p50_ms": f"{figures['ort_p50_ms']:.2f}", "onnx": f"runs:/{export_run}/onnx/model.onnx",
-                 tracking.WEIGHTS_TAG: weights_digest(state["state_dict"])})
+                 registry.WEIGHTS_TAG: weights_digest(state["state_dict"])})
     return {k: str(v) for k, v in tags.items()}
 
 
 def run(params: Params, method: str) -> dict:
     """Log ``method``'s summary run, register its model and decide its promotion; write ``registered.json``."""
-    import mlflow
-
     files = method_layout(params, method)
     runs = {stage: read_json(files.run_record(stage))["run_id"] for stage in ("train", "evaluate", "export", "profile")}
     model_uri = read_json(files.run_record("train"))["model_uri"]
     tracking.require_run(params, runs["train"], files.run_record("train"))
-    figures = headline(files)
+    task = task_of(params.method_arch(method)[0])
+    figures = headline(files, task, f"gmacs_{params.profile.macs_image_size}")
     val_scores = pd.read_csv(files.val_scores, dtype={"key": str}).set_index("key").iloc[:, 0]  # Dice, or box F1
     splits = read_splits(params)
     with tracking.stage_run(params, "register", method, run_name=method,
@@ -86,18 +84,16 @@ def run(params: Params, method: str) -> dict:
         mlflow.log_metrics(figures)
         tracking.log_image_sets(params, {"training": splits["train"], "validation": splits["val"],
                                          **{f"testing.{d}": keys for d, keys in splits["test"].items() if keys}})
-        registry = {}
+        registered = {}
         if params.tracking.register_models:
-            metric = val_metric(files)
-            detector = metric == "val_ap50"
-            registry = tracking.register(
-                model_uri, method, version_tags(files, figures, runs["export"]), figures[metric], val_scores,
+            registered = registry.register(
+                model_uri, method, version_tags(files, figures, runs["export"], task.metric), figures[task.metric], val_scores,
                 f"runs:/{runs['train']}/{tracking.VAL_SCORES_ARTIFACT}", run.info.run_id, params.tracking.promotion,
-                params.seed, params.tracking.global_detector if detector else params.tracking.global_model, metric)
+                params.seed, task.registry_name(params.tracking), task.metric)
     mlflow_view.share(params, [d for d, keys in splits["test"].items() if keys])  # the UI's view of these rows
-    record = {"run_id": run.info.run_id, "model_uri": model_uri, **registry}
+    record = {"run_id": run.info.run_id, "model_uri": model_uri, **registered}
     write_json(files.registered, record)
-    log.info("%s: registered %s", method, {k: v for k, v in registry.items() if k in ("version", "champion", "reused")})
+    log.info("%s: registered %s", method, {k: v for k, v in registered.items() if k in ("version", "champion", "reused")})
     return record
 
 

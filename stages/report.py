@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import shutil
 
-from polypflow import leakage
-from polypflow.config import Params
+from polypflow.data import leakage
+from polypflow.settings.config import Params
 from polypflow.io import atomic_path, write_bytes, write_json, write_text
-from polypflow.layout import method_layout, read_facts, read_json, read_splits
+from polypflow.data.images import read_facts, read_splits
+from polypflow.io import read_json
+from polypflow.settings.layout import method_layout
 from polypflow.report import build, load_methods, to_html, to_markdown
 from stages._cli import main, parser, project_params
 

@@ -28,7 +28,7 @@ from benchmarks.bench.paper import PAPER_PROFILE, bench_paper
 from benchmarks.bench.report import markdown, write
 from benchmarks.bench.throughput import bench_training
 from models import list_methods
-from polypflow.training import resolve_device
+from polypflow.infer.device import resolve_device
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -85,7 +85,7 @@ def make_setup(args: argparse.Namespace, workdir: Path) -> Setup:
 
 
 def load_project_params(path: Path) -> Any | None:
-    from polypflow.config import load_params
+    from polypflow.settings.config import load_params
 
     try:
         return load_params(path)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from polypflow.data import NORMALIZATION
-from polypflow.profiling import latency
+from polypflow.data.images import NORMALIZATION
+from polypflow.evaluate.profiling import latency
 
 MEAN, STD = NORMALIZATION["imagenet"]
 

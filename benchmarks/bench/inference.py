@@ -1,7 +1,7 @@
 """Inference back-ends: the deployable graph timed in PyTorch (eager, channels-last, AMP, torch.compile) and in
 ONNX Runtime (fp32, fp16, int8 on the CPU; CUDA and TensorRT where the providers exist).
 
-Every back-end times :class:`ProbabilityHead` (normalisation + model + sigmoid of the main map), so PyTorch and
+Every back-end times :class:`~polypflow.infer.onnx.DeployGraph` with the segmenter's head (normalisation + model + sigmoid of the main map), so PyTorch and
 ONNX Runtime do the same work. Latency is per batch; FPS = batch / p50.
 """
 
@@ -21,13 +21,15 @@ from torch import nn
 
 from benchmarks.bench.common import MEAN, STD, Setup, failure
 from models import build_model
-from polypflow.onnx_export import ProbabilityHead, export_onnx
-from polypflow.profiling import count_macs, count_params
+from polypflow.infer.onnx import DeployGraph, export_onnx, probability
+from polypflow.evaluate.profiling import count_macs, count_params
+
+OPSET = 18  # the lowest opset the dynamo exporter writes; the pipeline's own is export.opset
 
 
-def deployable(method: str, kwargs: dict) -> ProbabilityHead:
+def deployable(method: str, kwargs: dict) -> DeployGraph:
     torch.manual_seed(0)
-    return ProbabilityHead(build_model(method, **kwargs), MEAN, STD).eval()
+    return DeployGraph(build_model(method, **kwargs), probability, MEAN, STD).eval()
 
 
 def no_grad_call(head: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None) -> Callable[[], object]:
@@ -38,7 +40,7 @@ def no_grad_call(head: nn.Module, x: torch.Tensor, amp: torch.dtype | None = Non
     return call
 
 
-def torch_backends(head: ProbabilityHead, setup: Setup) -> dict[str, Callable[[int, int], dict]]:
+def torch_backends(head: DeployGraph, setup: Setup) -> dict[str, Callable[[int, int], dict]]:
     """Back-end name -> measure(batch, size) for the PyTorch variants."""
     device = setup.device
     eager = head.to(device)
@@ -149,7 +151,7 @@ def ort_variants(available: Sequence[str], cuda: bool, trt_cache: Path) -> dict[
     return variants
 
 
-def ort_backends(head: ProbabilityHead, method: str, size: int, setup: Setup,
+def ort_backends(head: DeployGraph, method: str, size: int, setup: Setup,
                  threads: int | None) -> dict[str, Callable[[int, int], dict]]:
     """Back-end name -> measure(batch, size) for ONNX Runtime; export/convert lazily, once per method."""
     import onnxruntime as ort
@@ -161,8 +163,9 @@ def ort_backends(head: ProbabilityHead, method: str, size: int, setup: Setup,
         if precision not in files:
             try:
                 if precision == "fp32":
-                    files[precision] = export_onnx(copy.deepcopy(head.model).cpu().float(),
-                                                   setup.workdir / f"{method}-{size}.onnx", size, mean=MEAN, std=STD)
+                    graph = DeployGraph(copy.deepcopy(head.model).cpu().float(), probability, MEAN, STD)
+                    files[precision] = export_onnx(graph, setup.workdir / f"{method}-{size}.onnx", size, OPSET,
+                                                   ("probability",))
                 else:
                     files[precision] = convert[precision](model_file("fp32"),
                                                           setup.workdir / f"{method}-{size}-{precision}.onnx")

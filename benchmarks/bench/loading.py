@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench.common import MEAN, STD, Setup, failure
-from polypflow.data import ImageSet, SegDataset, augmentation, load_image_set, read_image, read_mask, to_tensor
+from polypflow.data.images import ImageSet, SegDataset, augmentation, load_image_set, read_image, read_mask, to_tensor
 
 
 def synthetic_files(root: Path, n: int, seed: int = 0) -> list[tuple[Path, Path]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from models import method_entry
-from polypflow.config import Recipe
+from polypflow.settings.config import Recipe
 
 # Without a usable params.yaml: AdamW + bce_dice, everything else the Recipe's own defaults (AMP, channels-last)
 FALLBACK_RECIPE = {"epochs": 1, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-2, "scheduler": "none",

@@ -1,8 +1,8 @@
 """Paper-profile timing: IC-PolypSeg as ``profiles/paper.yaml`` configures it, a few epochs through
-:func:`polypflow.training.fit` on the PraNet split's cached images, extrapolated to the recipe's epochs.
+:func:`polypflow.train.engine.fit` on the PraNet split's cached images, extrapolated to the recipe's epochs.
 
 The recipe is the profile's own: its ``train.defaults``, then ``methods.<entry>.recipe`` (as
-:meth:`polypflow.config.Params.recipe` merges). The profile is an overlay: the keys it leaves unset come from
+:meth:`polypflow.settings.config.Params.recipe` merges). The profile is an overlay: the keys it leaves unset come from
 the settings it overlays (params.yaml's ``train.defaults``), and without those from the Recipe's defaults.
 """
 
@@ -19,9 +19,10 @@ import yaml
 
 from benchmarks.bench.common import Setup, failure
 from models import build_model
-from polypflow.config import Recipe
-from polypflow.data import ImageSet, load_image_set
-from polypflow.training import fit
+from polypflow.settings.config import Recipe
+from polypflow.data.images import ImageSet, load_image_set, read_facts, read_splits
+from polypflow.tasks.segmentation import SegmentationTask
+from polypflow.train.engine import fit
 
 PAPER_PROFILE = Path("profiles/paper.yaml")
 PAPER_ENTRY = "ic_polypseg_ef0"      # IC-PolypSeg-EF0, the paper's configuration
@@ -78,8 +79,6 @@ def paper_data(params: Any | None, items: int | None, seed: int, size: int) -> t
     """Train/val subsets of the PraNet split at ``size`` px from the project's cache, else synthetic arrays."""
     rng = np.random.default_rng(seed)
     try:
-        from polypflow.layout import read_facts, read_splits
-
         if params is None:
             raise FileNotFoundError("no usable params.yaml")
         splits, facts = read_splits(params), read_facts(params)
@@ -111,7 +110,7 @@ def bench_paper(params: Any | None, profile: Path, epochs: int, items: int | Non
     torch.manual_seed(0)
     model = build_model(settings.arch, **settings.kwargs)
     fit(model, recipe, train, val, setup.device, setup.workdir / "paper-checkpoint.pt", seed=PAPER_SEED,
-        on_epoch=lambda epoch, metrics: marks.append(time.perf_counter()))
+        task=SegmentationTask(params, recipe), on_epoch=lambda epoch, metrics: marks.append(time.perf_counter()))
     epoch_s = np.diff(marks).tolist()
     scale = report["train"] / len(train.keys)
     steady = epoch_s[-1] if len(epoch_s) > 1 else epoch_s[0]

@@ -111,7 +111,7 @@ def paper_md(result: dict) -> list[str]:
             f"on the weights.",
             f"Data: {p['data']}; full train set {p['train']} images, val {p['val']}.",
             f"Timed {p['epochs_timed']} epoch(s) on {p['train_items_timed']} train + {p['val_items_timed']} val images "
-            f"through `polypflow.training.fit`: epoch times {', '.join(f'{s:.1f}' for s in p['epoch_s'])} s.",
+            f"through `polypflow.train.engine.fit`: epoch times {', '.join(f'{s:.1f}' for s in p['epoch_s'])} s.",
             f"Estimated full epoch: {p['full_epoch_s_estimate']:.1f} s; **{p['epochs_full']} epochs ≈ "
             f"{p['extrapolated_100_epochs_min']:.1f} min** ({p['method_of_extrapolation']}).", ""]
 

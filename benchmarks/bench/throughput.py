@@ -1,6 +1,6 @@
-"""Training throughput: images/s of the trainer's own step (:func:`polypflow.training.train_step`) on a model
-placed as :func:`polypflow.training.fit` places it, with the method's recipe (optimiser, loss, AMP where
-:func:`polypflow.training.amp_enabled` turns it on, channels-last as the recipe says).
+"""Training throughput: images/s of the trainer's own step (:func:`polypflow.train.engine.train_step`) on a model
+placed as :func:`polypflow.train.engine.fit` places it, with the method's recipe (optimiser, loss, AMP where
+:func:`polypflow.train.engine.amp_enabled` turns it on, channels-last as the recipe says).
 
 Images/s = batch / mean step time, at one fixed size (a row per size; the recipe's multiscale is not drawn).
 """
@@ -13,10 +13,11 @@ import torch
 
 from benchmarks.bench.common import Setup, failure
 from models import build_model
-from polypflow.config import Recipe
-from polypflow.losses import build_loss
-from polypflow.profiling import latency
-from polypflow.training import amp_enabled, make_optimizer, train_step
+from polypflow.settings.config import Recipe
+from polypflow.tasks.segmentation import SegmentationTask
+from polypflow.evaluate.profiling import latency
+from polypflow.infer.device import amp_enabled
+from polypflow.train.engine import make_optimizer, train_step
 
 
 def train_throughput(method: str, kwargs: dict, recipe: Recipe, size: int, batch: int, setup: Setup) -> dict:
@@ -26,11 +27,11 @@ def train_throughput(method: str, kwargs: dict, recipe: Recipe, size: int, batch
     model = build_model(method, **kwargs).to(device).train()
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights)
+    task = SegmentationTask(None, recipe)  # training needs only the recipe
     optimizer = make_optimizer(model, recipe)
     x = torch.rand(batch, 3, size, size, device=device)
     y = (torch.rand(batch, 1, size, size, device=device) > 0.7).float()
-    stats = latency(lambda: train_step(model, x, y, loss_fn, optimizer, recipe, amp, epoch=0),
+    stats = latency(lambda: train_step(model, x, y, task, optimizer, recipe.channels_last, amp, epoch=0),
                     setup.warmup, setup.iterations, setup.sync)
     return {**stats, "images_per_s": 1e3 * batch / stats["mean_ms"], "amp": "bf16" if amp else "off",
             "channels_last": recipe.channels_last, "optimizer": recipe.optimizer, "loss": recipe.loss}

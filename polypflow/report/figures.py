@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 
-import numpy as np
+import matplotlib
 
-from polypflow.metrics import MODEL_DICE
-from polypflow.report.load import MethodResults
-from polypflow.stats import bootstrap_ci
+matplotlib.use("Agg")  # figures to PNG bytes, never a window: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from polypflow.evaluate.seg_metrics import MODEL_DICE  # noqa: E402
+from polypflow.evaluate.stats import bootstrap_ci  # noqa: E402
+from polypflow.report.load import MethodResults  # noqa: E402
 
 
 def png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -24,11 +27,7 @@ def png(fig) -> bytes:
 
 def _axes(n: int, width: float = 4.0, height: float = 3.4, stacked: bool = False):
     """``n`` panels side by side (or one above the other when ``stacked``)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = (n, 1) if stacked else (1, n)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     return fig, list(axes.flat)
@@ -37,8 +36,6 @@ def _axes(n: int, width: float = 4.0, height: float = 3.4, stacked: bool = False
 def line_styles(methods: list[MethodResults]) -> dict[str, dict]:
     """A distinct colour and dash per method, stable across figures (20 colours, then dashed, then dotted);
     published methods' maps in black."""
-    import matplotlib
-
     colours = matplotlib.colormaps["tab20"].colors
     dashes = ["-", "--", ":", "-."]
     ours = [m for m in methods if not m.external]
@@ -168,8 +165,6 @@ def cv_figure(crossval: dict) -> bytes:
 
 
 def thumbnail_pair(paths: Iterable[str], height: int = 160) -> bytes:
-    from PIL import Image
-
     images = []
     for path in paths:
         with Image.open(path) as image:

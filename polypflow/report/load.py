@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from polypflow.config import Params
-from polypflow.layout import MethodLayout, method_layout
+from polypflow.settings.config import Params
+from polypflow.tasks import Task, task_of
+from polypflow.tasks.segmentation import SegmentationTask
+from polypflow.settings.layout import MethodLayout, method_layout
 
 
 @dataclass
@@ -38,9 +40,14 @@ class MethodResults:
         return self.title or self.name
 
     @property
+    def task(self) -> type[Task]:
+        """What the method predicts (published maps are masks)."""
+        return SegmentationTask if self.external else task_of(self.arch)
+
+    @property
     def detector(self) -> bool:
-        """A detection method (its training selected on validation AP50, its evaluation scored boxes)."""
-        return "val_ap50" in self.train
+        """A method whose models predict boxes, not masks (its evaluation scored boxes)."""
+        return not self.task.predicts_masks
 
     @property
     def threshold(self) -> float:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from polypflow.config import Params
-from polypflow.metrics import MODEL_DICE
-from polypflow.data import by_image_key
+from polypflow.settings.config import Params
+from polypflow.evaluate.seg_metrics import MODEL_DICE
+from polypflow.data.boxes import kvasir_agreement
+from polypflow.data.images import by_image_key
 from polypflow.report import figures as fig
 from polypflow.report import tables
 from polypflow.report.load import MethodResults, load_paper_figures
@@ -154,7 +155,7 @@ def curve_sections(methods: list[MethodResults], params: Params) -> list[Section
         case_figures(cases, m, lambda c: f"Dice {c['dice']:.3f}")
     gradcam = Section("Grad-CAM").text(
         "Panels written by evaluate: image | ground truth | prediction | Grad-CAM heatmap of the main map's "
-        "predicted-polyp logits at the last conv layer feeding it (polypflow/gradcam.py).")
+        "predicted-polyp logits at the last conv layer feeding it (polypflow/evaluate/gradcam.py).")
     for m in methods:
         for path in sorted((m.eval_dir / "gradcam").glob("*.png")):
             gradcam.figure(f"gradcam_{m.name}_{path.stem}", path.read_bytes(), f"{m.name} · {path.stem}")
@@ -210,7 +211,7 @@ def leakage_section(pairs: pd.DataFrame, summary: dict, facts: pd.DataFrame, sho
     section = Section("Leakage check").text(
         f"Near duplicates between the training side (train + val) and every test set of splits.json: dHash and "
         f"pHash (64 bits each) both within {summary['max_distance']} bits, over {summary['hashed']} images "
-        "(polypflow/leakage.py). Under a leakage-safe scheme, exact duplicates and video-sequence mates are already "
+        "(polypflow/data/leakage.py). Under a leakage-safe scheme, exact duplicates and video-sequence mates are already "
         "kept on one side by split; under the exact PraNet protocol they are not, and this table shows how many.")
     section.table(pd.DataFrame([{"test set": k, "test images with a near duplicate in training": v}
                                 for k, v in summary["test_images_with_near_duplicate"].items()]))
@@ -260,8 +261,6 @@ def detection_table(methods: list[MethodResults]) -> pd.DataFrame:
 def kvasir_boxes_section(params: Params) -> list[Block]:
     """Our boxes from Kvasir-SEG's masks against the boxes Kvasir-SEG ships (``kavsir_bboxes.json``), when the
     configured source folder has them."""
-    from polypflow.detection.boxes import kvasir_agreement
-
     for dataset in params.ingest.datasets.values():
         source = getattr(dataset.source, "path", None)
         folder = Path(params.ingest.root) / source if source is not None else None

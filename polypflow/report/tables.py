@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from polypflow.metrics import MODEL_DICE
+from polypflow.evaluate.seg_metrics import MODEL_DICE
 from polypflow.report.load import MethodResults
-from polypflow.stats import bootstrap_ci, holm, paired_bootstrap
+from polypflow.evaluate.stats import bootstrap_ci, holm, paired_bootstrap
 
 
 def result_columns(threshold: float) -> dict[str, str]:
@@ -184,7 +184,7 @@ def registry_table(methods: list[MethodResults]) -> pd.DataFrame:
             rows.append({"method": m.name, "registered model": entry.get("name", m.name), "version": entry["version"],
                          "champion at registration": "yes" if entry.get("champion") else "no",
                          "decision": decision.get("reason", ""),
-                         **({"val AP50": m.train.get("val_ap50")} if m.detector else {"val Dice": m.train.get("val_dice")}),
+                         m.task.metric_label: m.train.get(m.task.metric),
                          "threshold": m.train.get("threshold")})
     return pd.DataFrame(rows)
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import read_params, stage_workdir, write_params
 from PIL import Image, ImageDraw, ImageOps
 
-from polypflow.config import load_params
+from polypflow.data.quality import ValidationFailed
+from polypflow.settings.config import load_params
 from stages import ingest, validate
-from stages.validate import ValidationFailed
 
 REPORT = Path("reports/validation.json")
 FACTS = Path("data/facts.csv")
@@ -143,6 +143,7 @@ ALONE = {"size_mismatch", "grey_mask", "empty_mask", "mask_scaled_0_1", "mask_al
 # --- tests ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_clean_data_passes_and_writes_facts_and_report(workdir):
     facts = ingest_and_validate()
     assert len(facts) == 50

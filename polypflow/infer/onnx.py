@@ -1,0 +1,114 @@
+"""ONNX export (dynamo exporter, opset from ``export.opset``, dynamic batch) of any registered model, checked
+against PyTorch.
+
+One deployable graph, :class:`DeployGraph`: an RGB batch in [0, 1] in (the normalisation is inside the graph,
+so a user feeds plain pixels), the model, then what the task's head makes of its outputs: a segmenter's main-map
+probability (:func:`probability`), or a detector's decoded box and score for every anchor, before any threshold
+or NMS (:func:`anchor_boxes`: fixed shapes, nothing data-dependent in the graph). A detector's NMS runs after the
+graph in :func:`models.gfl_atss.postprocess`, the function PyTorch predictions go through too, so its parity is
+compared after the same post-processing. (ONNX's ``NonMaxSuppression`` exists, but per-image variable-length
+outputs with a dynamic batch would need a padded or flattened-index output every consumer re-parses.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from models.gfl_atss import Detections, postprocess
+from polypflow.infer.predictor import Decoding
+from polypflow.io import atomic_path
+
+Head = Callable[[nn.Module, object, torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
+
+
+def probability(model: nn.Module, outputs: tuple[torch.Tensor, ...], image: torch.Tensor) -> torch.Tensor:
+    """A segmenter's head: the main map's probability, N×1×S×S."""
+    return torch.sigmoid(outputs[0])
+
+
+def anchor_boxes(model: nn.Module, outputs: object, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A detector's head: every anchor's decoded box (N×A×4, x1 y1 x2 y2 pixels, clipped) and score (N×A)."""
+    return model.boxes(outputs, (image.shape[-2], image.shape[-1]))
+
+
+class DeployGraph(nn.Module):
+    """The deployable graph: RGB batch in [0, 1] -> normalised -> ``model`` -> ``head``."""
+
+    def __init__(self, model: nn.Module, head: Head, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor):
+        return self.head(self.model, self.model((image - self.mean) / self.std), image)
+
+
+def export_onnx(graph: DeployGraph, path: Path | str, image_size: int, opset: int, outputs: Sequence[str]) -> Path:
+    """Write ``graph`` as ONNX to ``path`` atomically, input ``image`` with a dynamic batch and a fixed
+    ``image_size`` (a detector's anchors are laid out for it), outputs named ``outputs``."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        program = torch.onnx.export(
+            graph.eval(), (torch.rand(2, 3, image_size, image_size),), dynamo=True, opset_version=opset,
+            input_names=["image"], output_names=list(outputs), dynamic_shapes={"image": {0: batch}},
+            external_data=False, verbose=False,
+        )
+        program.save(str(tmp))
+    return Path(path)
+
+
+def onnx_session(path: Path | str, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def random_batch(image_size: int, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    """The seeded random RGB batch in [0, 1] parity is checked on."""
+    return torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def parity(graph: DeployGraph, path: Path | str, image_size: int) -> float:
+    """Max absolute difference between a segmenter's graph in PyTorch and in ONNX Runtime on random input."""
+    image = random_batch(image_size)
+    with torch.no_grad():
+        expected = graph.eval()(image).numpy()
+    got = onnx_session(path).run(None, {"image": image.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ValueError(f"{path}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
+    return float(np.abs(got - expected).max())
+
+
+def detector_parity(graph: DeployGraph, path: Path | str, image_size: int, decoding: Decoding) -> dict[str, float]:
+    """A detector's graph in PyTorch against ONNX Runtime on random input: the largest difference of the raw boxes
+    and scores, and after the same post-processing of both, whether the detections agree (count, boxes, scores)."""
+    image = random_batch(image_size)
+    with torch.no_grad():
+        boxes, scores = graph.eval()(image)
+    got_boxes, got_scores = (torch.from_numpy(a) for a in onnx_session(path).run(None, {"image": image.numpy()}))
+    post = lambda b, s: postprocess(b, s, decoding.score_threshold, decoding.nms_iou, decoding.max_detections)  # noqa: E731
+    expected = [post(b, s) for b, s in zip(boxes, scores)]
+    got = [post(b, s) for b, s in zip(got_boxes, got_scores)]
+    same_count = all(len(e.boxes) == len(g.boxes) for e, g in zip(expected, got))
+    return {
+        "raw_boxes_max_abs": float((boxes - got_boxes).abs().max()),
+        "raw_scores_max_abs": float((scores - got_scores).abs().max()),
+        "detections": sum(len(e.boxes) for e in expected),
+        "same_count": same_count,
+        "boxes_max_abs": _max_abs(expected, got, "boxes") if same_count else float("inf"),
+        "scores_max_abs": _max_abs(expected, got, "scores") if same_count else float("inf"),
+    }
+
+
+def _max_abs(expected: list[Detections], got: list[Detections], field: str) -> float:
+    diffs = [(getattr(e, field) - getattr(g, field)).abs().max().item() for e, g in zip(expected, got) if len(e.boxes)]
+    return float(np.max(diffs)) if diffs else 0.0

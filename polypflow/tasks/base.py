@@ -1,0 +1,77 @@
+"""What a task is: the one contract segmentation and detection (and any later task) implement.
+
+Nothing outside ``polypflow/tasks/`` asks which task a model has: the stages, the trainer, the predictor, the
+served model and the predict CLI ask the task (``task_of(arch)``), as a LightningModule hides its task from the
+Trainer and an MMDetection head owns its assigner and losses. A task is built from the settings (and, to train,
+a recipe); what only needs a trained model's metadata (its predictor, its served answer) is a class method, so
+a served model needs no settings file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from polypflow.data.images import ImageSet
+from polypflow.evaluate.runner import Scorer, Source
+from polypflow.infer.predictor import Predictor
+from polypflow.settings.config import Params, Recipe, Tracking
+from polypflow.train.engine import TrainingTask
+
+
+class Task(TrainingTask, Protocol):
+    """A task: how its models train (the :class:`~polypflow.train.engine.TrainingTask` part), are selected, ship
+    (metadata, threshold), predict, are scored on a test set and drawn, are exported, served and registered."""
+
+    name: ClassVar[str]                      # what models.method_task says: "segmentation", "detection"
+    metric: ClassVar[str]                    # the validation metric epochs are reported by (metrics.json)
+    metric_label: ClassVar[str]              # how tables name it ("val Dice", "val AP50")
+    predicts_masks: ClassVar[bool]           # whether its models draw masks (scored by Dice) or not (boxes)
+    val_score: ClassVar[str]                 # per-image validation score, for promotion (val_per_image.csv)
+    case_columns: ClassVar[tuple[str, ...]]  # cases.csv
+    onnx_outputs: ClassVar[tuple[str, ...]]  # the exported graph's outputs
+    answer_columns: ClassVar[dict[str, str]]  # a served/predicted image's answer: column -> MLflow type
+
+    def __init__(self, params: Params, recipe: Recipe | None = None) -> None: ...
+
+    # training and selection
+    def check(self) -> None:
+        """Refuse a recipe this task cannot train (before anything is built or changed on disk)."""
+    def meta(self) -> dict[str, Any]:
+        """What a trained model's metadata carries beyond the common keys (e.g. a detector's decoding)."""
+    def val_scores(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> np.ndarray:
+        """Each validation image's score at ``threshold`` (promotion compares these image by image)."""
+
+    # inference
+    @classmethod
+    def predictor(cls, model: nn.Module, meta: dict, threshold: float | None = None, device: torch.device | None = None,
+                  batch_size: int = 16, source: str = "") -> Predictor:
+        """The :class:`Predictor` of a trained model and its metadata; ``threshold`` overrides the stored one."""
+    @classmethod
+    def check_threshold(cls, threshold: float) -> None:
+        """A :class:`ValueError` for a threshold that means nothing (the same rule for the CLI and the server)."""
+    @classmethod
+    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+        """One image's answer (the ``answer_columns``), its overlay drawing, and its mask (None without one)."""
+
+    # evaluation
+    def test_source(self, predictor: Predictor, meta: dict, facts: pd.DataFrame) -> Source:
+        """A test set's outputs, as the scorer takes them."""
+    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path) -> Scorer:
+        """How one test set is scored, summarised and drawn (outputs from :meth:`test_source`)."""
+    def explain(self, model: nn.Module, meta: dict, facts: pd.DataFrame, keys: Sequence[str], out: Path) -> list[Path]:
+        """Explanations of the first test images (a segmenter's Grad-CAM panels) in ``out``; returns their files."""
+
+    # export and registry
+    @classmethod
+    def export(cls, model: nn.Module, meta: dict, path: Path, opset: int) -> tuple[float, dict[str, Any]]:
+        """Write the ONNX graph to ``path``; its largest difference from PyTorch and what the parity report says."""
+    @classmethod
+    def registry_name(cls, tracking: Tracking) -> str:
+        """The cross-method registered model a version of this task also goes to (``polyp-segmenter``, ...)."""

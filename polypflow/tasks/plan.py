@@ -1,0 +1,92 @@
+"""A configured method resolved once into a :class:`MethodPlan` (architecture, builder kwargs, recipe, images,
+task) that train, crossval and lr_search all fit through :func:`fit_plan`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from models import build_model, check_kwargs
+from polypflow.data.images import load_image_set, read_facts
+from polypflow.infer.device import resolve_device
+from polypflow.settings.config import Params, Recipe
+from polypflow.tasks import Task, task_of
+from polypflow.train.checkpoint import set_aside_foreign
+from polypflow.train.engine import EpochCallback, FitResult, fit, seed_everything
+
+
+def subsample(keys: list[str], limit: int | None, seed: int) -> list[str]:
+    """A seeded subset of at most ``limit`` keys (all of them when ``limit`` is None)."""
+    if limit is None or len(keys) <= limit:
+        return list(keys)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(keys, size=limit, replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """A configured method resolved once: what to build, how to train it, on which images, as which task."""
+
+    method: str
+    arch: str
+    kwargs: dict
+    recipe: Recipe
+    train_keys: list[str]
+    val_keys: list[str]
+    seed: int
+    task: Task
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the settings a checkpoint was trained with (resume only a checkpoint of the same plan)."""
+        parts = (self.arch, self.kwargs, self.recipe.model_dump(), self.train_keys, self.val_keys, self.seed)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_method(params: Params, method: str, train_keys: list[str], val_keys: list[str],
+                recipe: Recipe | None = None, seed_offset: int = 0) -> MethodPlan:
+    """``method`` of params with its recipe (or ``recipe``), its training images subsampled to the recipe's
+    ``max_train_items`` (seeded with ``seed + seed_offset``). A builder argument or a loss the task cannot train
+    is an error naming the method, before anything is built or changed on disk."""
+    arch, kwargs = params.method_arch(method)
+    check_kwargs(arch, kwargs, f"methods.{method}.model")
+    recipe = recipe or params.recipe(method)
+    try:
+        task = task_of(arch)(params, recipe)
+        task.check()
+    except ValueError as exc:
+        raise ValueError(f"methods.{method}.{exc}" if str(exc).startswith("recipe.") else f"methods.{method}: {exc}") from None
+    return MethodPlan(method, arch, kwargs, recipe, subsample(train_keys, recipe.max_train_items, params.seed + seed_offset),
+                      list(val_keys), params.seed, task)
+
+
+def build_plan_model(plan: MethodPlan) -> nn.Module:
+    """The plan's model, seeded."""
+    seed_everything(plan.seed)
+    return build_model(plan.arch, **plan.kwargs)
+
+
+def fit_plan(params: Params, plan: MethodPlan, checkpoint: Path, resume: bool,
+             on_epoch: EpochCallback | None = None) -> tuple[nn.Module, FitResult]:
+    """Build the plan's model, load its images and fit it to ``checkpoint``: the one core of train, crossval and
+    lr_search."""
+    model = build_plan_model(plan)
+    aside = set_aside_foreign(checkpoint, plan.fingerprint) if resume else []
+    load = lambda keys: load_image_set(read_facts(params), keys, plan.recipe.image_size,  # noqa: E731
+                                       params.validate_.mask_threshold, params.paths.cache)
+    train, val = load(plan.train_keys), load(plan.val_keys)
+
+    def first_epoch_done(epoch: int, metrics: dict[str, float]) -> None:
+        for path in aside:  # the new run has its first epoch: the other settings' checkpoints may go
+            path.unlink(missing_ok=True)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    result = fit(model, plan.recipe, train, val, resolve_device(params.device), checkpoint, plan.seed, plan.task,
+                 resume=resume, on_epoch=first_epoch_done, checkpoint_extra={"fingerprint": plan.fingerprint})
+    return model, result

@@ -1,0 +1,248 @@
+"""Segmentation: a polyp mask per image (every method of the registry but the detectors).
+
+Trains on (image, mask) with the recipe's loss (``polypflow.train.losses``), selects epochs on validation Dice
+(at the grid's best threshold when the recipe searches its threshold, as CRIS does), ships the threshold it was
+selected with, and is scored per test set by Dice/IoU at 0.5 and at its threshold, the toolbox's metrics
+(``polypflow.evaluate.seg_metrics``) and, when ``detection.mask_boxes``, its mask's components as boxes (COCO AP
+against the masks' own boxes: the baseline a dedicated detector must beat). Cases are drawn as overlays; Grad-CAM
+panels explain the first test images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polypflow.data.images import ImageSet, SegDataset, load_image_set, read_image, read_mask
+from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
+from polypflow.evaluate.gradcam import save_panels
+from polypflow.evaluate.runner import (Scorer, Source, TestSetScores, json_number, rows_of, sweep_thresholds,
+                                       workers)
+from polypflow.evaluate.seg_metrics import LEVELS, MODEL_DICE, TOOLBOX_CURVES, dice_batch, score_image, summarize
+from polypflow.infer.device import CPU
+from polypflow.infer.onnx import DeployGraph, export_onnx, parity, probability
+from polypflow.infer.predictor import Predictor, TorchBackend, to_resolution
+from polypflow.io import write_png
+from polypflow.settings.config import Params, Recipe
+from polypflow.train.losses import build_loss
+from polypflow.viz import draw_overlay, mask_case
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+GRADCAM_PANELS = 4
+
+
+def predict_probs(model: nn.Module, images: np.ndarray, normalize: str, device: torch.device,
+                  channels_last: bool = False) -> np.ndarray:
+    """Main-map probabilities (N×S×S float32) of uint8 images N×S×S×3, by the one predictor."""
+    backend = TorchBackend(model, normalize, device, channels_last)
+    return Predictor(backend, images.shape[1], 0.5).predict_resized(images)
+
+
+def grid_dice(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Mean Dice at each threshold of :data:`THRESHOLD_GRID`."""
+    return np.array([dice_batch(probs, masks, t).mean() for t in THRESHOLD_GRID])
+
+
+def search_threshold(probs: np.ndarray, masks: np.ndarray) -> float:
+    """The binarisation threshold maximising mean Dice (grid 0.05..0.95), as CRIS chooses it."""
+    return float(THRESHOLD_GRID[int(np.argmax(grid_dice(probs, masks)))])
+
+
+def selection_score(metrics: dict) -> float:
+    """What epochs are selected on: the val Dice the model will be used with, i.e. ``val_dice_tuned`` (at the
+    grid's best threshold) when the recipe searches its threshold after training, else ``val_dice`` (at 0.5)."""
+    return metrics.get("val_dice_tuned", metrics["val_dice"])
+
+
+class SegmentationTask:
+    """A polyp mask per image (see the module docstring)."""
+
+    name: ClassVar[str] = "segmentation"
+    metric: ClassVar[str] = "val_dice"
+    metric_label: ClassVar[str] = "val Dice"
+    predicts_masks: ClassVar[bool] = True
+    val_score: ClassVar[str] = "dice"
+    case_columns: ClassVar[tuple[str, ...]] = ("dataset", "kind", "rank", "key", "dice", "file")
+    onnx_outputs: ClassVar[tuple[str, ...]] = ("probability",)
+    answer_columns: ClassVar[dict[str, str]] = {"mask": "string", "polyp_fraction": "double", "max_probability": "double"}
+    collate = None  # the default collate: image and mask tensors stack
+
+    def __init__(self, params: Params, recipe: Recipe | None = None) -> None:
+        self.params, self.recipe = params, recipe
+        self.loss_fn = build_loss(recipe.loss, recipe.deep_supervision_weights) if recipe is not None else None
+
+    # ------------------------------------------------------------ training (polypflow.train.engine.TrainingTask)
+
+    def check(self) -> None:
+        """The recipe's loss was built (and so checked) with the task."""
+
+    def dataset(self, data: ImageSet) -> SegDataset:
+        return SegDataset(data, self.recipe.normalize, self.recipe.augment)
+
+    def target_to(self, target: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return target.to(device)
+
+    def rescale_target(self, target: torch.Tensor, size: int, factor: float) -> torch.Tensor:
+        return (F.interpolate(target, size=(size, size), mode="bilinear", align_corners=False) > 0.5).float()
+
+    def loss(self, model: nn.Module, outputs: tuple[torch.Tensor, ...], target: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.loss_fn(tuple(o.float() for o in outputs), target, epoch)
+
+    def validate(self, model: nn.Module, val: ImageSet, device: torch.device) -> dict[str, float]:
+        probs = predict_probs(model, val.images, self.recipe.normalize, device, self.recipe.channels_last)
+        metrics = {"val_dice": float(dice_batch(probs, val.masks).mean()) if len(val.keys) else 0.0}
+        if self.recipe.threshold_search and len(val.keys):
+            metrics["val_dice_tuned"] = float(grid_dice(probs, val.masks).max())
+        return metrics
+
+    def select(self, metrics: dict[str, float]) -> float:
+        return selection_score(metrics)
+
+    def threshold(self, model: nn.Module, train: ImageSet, device: torch.device) -> float:
+        """The binarisation threshold the model is used with: searched on the train set when the recipe says so."""
+        if not (self.recipe.threshold_search and len(train.keys)):
+            return 0.5
+        probs = predict_probs(model, train.images, self.recipe.normalize, device, self.recipe.channels_last)
+        return search_threshold(probs, train.masks)
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+    def val_scores(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> np.ndarray:
+        if not len(val.keys):
+            return np.zeros(0)
+        return dice_batch(predict_probs(model, val.images, self.recipe.normalize, device), val.masks, threshold)
+
+    # ------------------------------------------------------------ inference, served answers
+
+    @classmethod
+    def predictor(cls, model: nn.Module, meta: dict, threshold: float | None = None, device: torch.device | None = None,
+                  batch_size: int = 16, source: str = "") -> Predictor:
+        device = device or CPU
+        backend = TorchBackend(model.to(device), (meta["mean"], meta["std"]), device)
+        chosen = meta["threshold"] if threshold is None else threshold
+        return Predictor(backend, int(meta["image_size"]), float(chosen), batch_size, source)
+
+    @classmethod
+    def check_threshold(cls, threshold: float) -> None:
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1) (a pixel is polyp from this probability), got {threshold}")
+
+    @classmethod
+    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        prob = predictor.predict([image])[0]
+        mask = predictor.keep(prob, threshold)
+        row = {"polyp_fraction": float(mask.mean()), "max_probability": float(prob.max())}
+        return row, draw_overlay(image, mask), mask
+
+    # ------------------------------------------------------------ evaluation
+
+    def test_source(self, predictor: Predictor, meta: dict, facts: pd.DataFrame) -> Source:
+        """A test set's probability maps at the model's input size."""
+        cfg = self.params
+
+        def maps(dataset: str, keys: list[str]) -> tuple[list[str], np.ndarray]:
+            data = load_image_set(facts, keys, meta["image_size"], cfg.validate_.mask_threshold, cfg.paths.cache)
+            return keys, predictor.predict_resized(data.images)
+
+        return maps
+
+    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path) -> Scorer:
+        def score(dataset: str, keys: list[str], probs: Sequence[np.ndarray]) -> TestSetScores:
+            tables, summary = self.score_maps(keys, probs, threshold, facts)
+            cases = self.draw_cases(tables["per_image"], probs, dataset, facts, threshold, cases_dir)
+            fixed = self.params.evaluate.threshold
+            line = (f"mDice@{threshold:.2f} {summary[MODEL_DICE]:.4f}"
+                    + ("" if threshold == fixed else f" (mDice@{fixed:.2f} {summary['dice']:.4f})")
+                    + f" meanDic {summary['tb_dice']:.4f} S {summary['sm']:.4f}")
+            return TestSetScores(tables, summary, cases, line)
+
+        return score
+
+    def score_maps(self, keys: list[str], probs: Sequence[np.ndarray], threshold: float,
+                   facts: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], dict]:
+        """Per-image metrics, the mean PR curve, threshold sweep and toolbox curves of one test set, each map resized
+        to its mask's original resolution; the summary, with its mask's components scored as boxes (``box_*``)
+        when ``detection.mask_boxes``."""
+        cfg = self.params
+        pr_t, sweep_t = np.linspace(0, 1, cfg.evaluate.pr_points), sweep_thresholds(cfg.evaluate)
+        boxes = cfg.detection.mask_boxes
+
+        def one(item):
+            prob, mask_path = item
+            gt = read_mask(mask_path, cfg.validate_.mask_threshold)
+            full = to_resolution(prob, gt.shape)
+            scores = score_image(full, gt, cfg.evaluate.threshold, threshold, pr_t, sweep_t)
+            found = (truth_boxes(gt, cfg.detection.min_box_area),
+                     boxes_from_probability(full, threshold, cfg.detection.min_box_area)) if boxes else None
+            return scores, found
+
+        with ThreadPoolExecutor(workers()) as pool:
+            results = list(pool.map(one, zip(probs, rows_of(facts, keys)["mask_path"], strict=True)))
+        rows, prs, sweeps, curves = [], [], [], {name: [] for name in TOOLBOX_CURVES}
+        for key, (scores, _) in zip(keys, results, strict=True):
+            rows.append({"key": key, **scores.row})
+            prs.append(scores.pr)
+            sweeps.append(pd.DataFrame(scores.sweep))
+            for name in TOOLBOX_CURVES:
+                curves[name].append(scores.curves[name])
+        pr_mean = np.mean(prs, axis=0)
+        curve = pd.DataFrame({"level": np.arange(LEVELS), "threshold": np.arange(LEVELS) / (LEVELS - 1),
+                              **{name: np.mean(values, axis=0) for name, values in curves.items()}})
+        tables = {"per_image": pd.DataFrame(rows),
+                  "pr": pd.DataFrame({"threshold": pr_t, "precision": pr_mean[:, 0], "recall": pr_mean[:, 1]}),
+                  "sweep": pd.concat(sweeps).groupby("threshold", as_index=False).mean(), "curves": curve}
+        toolbox = {name: curve[name].to_numpy() for name in TOOLBOX_CURVES}
+        summary = {k: json_number(v) for k, v in summarize(tables["per_image"], toolbox).items()}
+        if boxes:
+            truth, found = zip(*(found for _, found in results), strict=True)
+            summary.update({f"box_{k}": json_number(v) for k, v in coco_metrics(list(found), list(truth)).metrics.items()})
+        return tables, summary
+
+    def draw_cases(self, per_image: pd.DataFrame, probs: Sequence[np.ndarray], dataset: str, facts: pd.DataFrame,
+                   threshold: float, out: Path) -> list[dict]:
+        """Overlays of the best and worst ``evaluate.cases`` images of one test set, by the Dice at the model's
+        ``threshold`` (the prediction drawn at it)."""
+        k = min(self.params.evaluate.cases, len(per_image))
+        order = per_image.reset_index(drop=True).sort_values([MODEL_DICE, "key"], ascending=[False, True], kind="stable")
+        picks = [("best", r, i) for r, i in enumerate(order.index[:k], 1)] + \
+                [("worst", r, i) for r, i in enumerate(order.index[::-1][:k], 1)]
+        rows = []
+        for kind, rank, i in picks:
+            record = per_image.iloc[i]
+            paths = rows_of(facts, [record["key"]]).iloc[0]
+            name = f"{dataset}_{kind}{rank}.png"
+            image, truth = read_image(paths["image_path"]), read_mask(paths["mask_path"], self.params.validate_.mask_threshold)
+            write_png(out / name, mask_case(image, truth, probs[i], threshold))
+            rows.append({"dataset": dataset, "kind": kind, "rank": rank, "key": record["key"],
+                         "dice": float(record[MODEL_DICE]), "file": name})
+        return rows
+
+    def explain(self, model: nn.Module, meta: dict, facts: pd.DataFrame, keys: Sequence[str], out: Path) -> list[Path]:
+        """Grad-CAM panels (image | truth | prediction | overlay) for the first test images."""
+        cfg = self.params
+        size = (meta["image_size"] // 32) * 32
+        data = load_image_set(facts, list(keys[:GRADCAM_PANELS]), size, cfg.validate_.mask_threshold, cfg.paths.cache)
+        names = [k.replace("/", "_") for k in data.keys]
+        return save_panels(model.cpu(), list(data.images), out, masks=list(data.masks), names=names,
+                           normalize=meta["normalize"], threshold=meta["threshold"])
+
+    # ------------------------------------------------------------ export, registry
+
+    @classmethod
+    def export(cls, model: nn.Module, meta: dict, path: Path, opset: int) -> tuple[float, dict[str, Any]]:
+        graph = DeployGraph(model, probability, meta["mean"], meta["std"])
+        export_onnx(graph, path, meta["image_size"], opset, cls.onnx_outputs)
+        return parity(graph, path, meta["image_size"]), {"output": "N x 1 x S x S polyp probability"}
+
+    @classmethod
+    def registry_name(cls, tracking) -> str:
+        return tracking.global_models[cls.name]

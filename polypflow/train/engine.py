@@ -1,0 +1,178 @@
+"""The one trainer for every task: fit with checkpoints, resume, early stopping; it knows no task.
+
+What differs between segmentation and detection (dataset items, loss, how targets follow a resized batch, what
+validation scores, the threshold a model ships with) is the task's, through :class:`TrainingTask`, as a
+LightningModule hides its task from the Trainer. Each epoch is seeded with ``seed + epoch`` (shuffle,
+augmentation, dropout), so a run resumed from its last checkpoint continues exactly as the uninterrupted run
+would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from polypflow.data.images import ImageSet
+from polypflow.settings.config import Recipe
+from polypflow.train.checkpoint import load_checkpoint, save_checkpoint
+from polypflow.infer.device import amp_enabled
+
+log = logging.getLogger(__name__)
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingTask(Protocol):
+    """What :func:`fit` needs of a task (``polypflow.tasks`` implements it for each)."""
+
+    metric: str  # the validation metric reported as the fit's best score (val_dice, val_ap50, ...)
+    collate: Callable | None  # the DataLoader's collate_fn (None: default stacking)
+
+    def dataset(self, data: ImageSet) -> Dataset: ...
+    def target_to(self, target: Any, device: torch.device) -> Any: ...
+    def rescale_target(self, target: Any, size: int, factor: float) -> Any: ...
+    def loss(self, model: nn.Module, outputs: Any, target: Any, epoch: int) -> torch.Tensor: ...
+    def validate(self, model: nn.Module, val: ImageSet, device: torch.device) -> dict[str, float]: ...
+    def select(self, metrics: dict[str, float]) -> float: ...
+    def threshold(self, model: nn.Module, train: ImageSet, device: torch.device) -> float: ...
+
+
+@dataclass
+class FitResult:
+    best_score: float  # the task's metric at the selected epoch (a segmenter's val Dice at 0.5, a detector's AP50)
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    threshold: float = 0.5
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
+    if recipe.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    power = 0.9 if recipe.scheduler == "poly" else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / recipe.epochs) ** power)
+
+
+def rescale(x: torch.Tensor, target: Any, scale: float, task: TrainingTask) -> tuple[torch.Tensor, Any]:
+    """Multi-scale training: the batch resized by ``scale`` (to a multiple of 32), its targets with it (the task's)."""
+    if scale == 1.0:
+        return x, target
+    size = max(32, int(round(x.shape[-1] * scale / 32)) * 32)
+    factor = size / x.shape[-1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x, task.rescale_target(target, size, factor)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: Any, task: TrainingTask, optimizer: torch.optim.Optimizer,
+               channels_last: bool, amp: bool, epoch: int) -> torch.Tensor:
+    """One optimisation step on a batch already on the device: channels-last input if asked, forward under bf16
+    autocast when ``amp`` (:func:`~polypflow.infer.device.amp_enabled`), the task's loss in fp32, backward,
+    optimiser step. Returns the (detached) loss; a non-finite loss raises before the weights change."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(x)
+    loss = task.loss(model, outputs, target, epoch)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}")
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, task: TrainingTask, optimizer: torch.optim.Optimizer,
+                recipe: Recipe, device: torch.device, epoch: int) -> float:
+    model.train()
+    rng = np.random.default_rng(epoch)
+    total, count = 0.0, 0
+    amp = amp_enabled(recipe, device)
+    for images, target in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
+        x, target = rescale(images.to(device), task.target_to(target, device), float(rng.choice(recipe.multiscale)), task)
+        loss = train_step(model, x, target, task, optimizer, recipe.channels_last, amp, epoch).item()
+        total += loss * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device: torch.device, checkpoint: Path,
+        seed: int, task: TrainingTask, resume: bool = False, on_epoch: EpochCallback | None = None,
+        checkpoint_extra: dict | None = None) -> FitResult:
+    """Train ``model`` in place; leave it holding the weights of the best validation epoch (by ``task.select``).
+
+    ``checkpoint`` is rewritten atomically after every epoch; with ``resume`` an existing one is continued from
+    the epoch after the last completed one.
+    """
+    model.to(device)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    log.info("training on %s: AMP (bf16) %s, channels-last %s", device, "on" if amp_enabled(recipe, device) else "off",
+             "on" if recipe.channels_last else "off")
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    state = {"epoch": -1, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
+    if resume and checkpoint.exists():
+        saved = load_checkpoint(checkpoint)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
+    dataset = task.dataset(train)
+    for epoch in range(state["epoch"] + 1, recipe.epochs):
+        if state["bad_epochs"] >= recipe.early_stop_patience:
+            break
+        seed_everything(seed + epoch)
+        if dataset.transform is not None:  # albumentations keeps its own RNG, untouched by seed_everything
+            dataset.transform.set_random_seed(seed + epoch)
+        loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=len(dataset) > recipe.batch_size,
+                            num_workers=recipe.num_workers, collate_fn=task.collate,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        train_loss = train_epoch(model, loader, task, optimizer, recipe, device, epoch)
+        scheduler.step()
+        metrics = {"train_loss": train_loss, **task.validate(model, val, device), "lr": optimizer.param_groups[0]["lr"]}
+        best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None
+        state["history"].append({"epoch": epoch + 1, **metrics})
+        if best is None or task.select(metrics) > task.select(best):
+            # "best_val_dice" is the checkpoint format's name for the best score of any task
+            state.update(best_val_dice=metrics[task.metric], best_epoch=epoch + 1, bad_epochs=0,
+                         best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
+        log.info("epoch %d/%d train_loss %.4f %s", epoch + 1, recipe.epochs, train_loss,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+    if state["best_model"] is not None:
+        model.load_state_dict(state["best_model"])
+    threshold = task.threshold(model, train, device)
+    return FitResult(state["best_val_dice"], state["best_epoch"], state["epoch"] + 1,
+                     state["epoch"] + 1 < recipe.epochs, threshold, state["history"])
