@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from prefect import flow, get_run_logger, task
 
 from flows.fanout import fit_jobs, run_fan_out
@@ -115,5 +116,19 @@ def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
     return {**collect_results(project_dir, params_file, methods), "fanout": fits}
 
 
+def require_api(timeout_s: float = 10.0) -> None:
+    """With ``PREFECT_API_URL`` set, the API must answer its health check: one line naming the URL otherwise
+    (Prefect itself would print three tracebacks). Unset, the flow runs on Prefect's local ephemeral API."""
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return
+    try:
+        httpx.get(f"{api.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except httpx.HTTPError as exc:
+        sys.exit(f"Prefect API at {api} (PREFECT_API_URL) cannot be reached: {type(exc).__name__}: {exc}. Start it "
+                 "(prefect server start) or unset PREFECT_API_URL to run on a local ephemeral API.")
+
+
 if __name__ == "__main__":
+    require_api()
     print(json.dumps(polypflow_pipeline(), indent=2, default=str))

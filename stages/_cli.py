@@ -75,9 +75,10 @@ def main(body: Callable[[], object]) -> None:
         log.error("%s: %s", type(exc).__name__, exc)
         sys.exit(1)
     except Exception as exc:
-        if not type(exc).__module__.startswith("mlflow"):
+        if not type(exc).__module__.startswith(("mlflow", "sqlalchemy")):
             raise
-        log.error("MLflow (%s): %s", os.environ.get("MLFLOW_TRACKING_URI", "tracking.uri of params"), exc)
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        log.error("MLflow store (%s): %s", os.environ.get("MLFLOW_TRACKING_URI", "tracking.uri of infra.yaml"), reason)
         sys.exit(1)
 
 

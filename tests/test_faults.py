@@ -20,11 +20,11 @@ from conftest import read_params, synthetic_params, write_params
 from PIL import Image, ImageDraw
 from services import free_port, stop
 
-from polypflow.config import load_params
-from polypflow.fetch import SourceError
-from polypflow.training import load_checkpoint, load_trained
+from polypflow.settings.config import load_params
+from polypflow.data.fetch import SourceError
+from polypflow.train.checkpoint import load_checkpoint, load_trained
 from stages import ingest, split, train, validate
-from stages.validate import ValidationFailed
+from polypflow.data.quality import ValidationFailed
 
 MODEL = Path("artifacts/models/unet")
 CHECKPOINT = Path("artifacts/checkpoints/unet/checkpoint.pt")
@@ -180,7 +180,7 @@ if how.startswith("write_json"):
     io.write_json(target, {"new": list(range(1000))})
 elif how.startswith("save_checkpoint"):
     import torch
-    from polypflow import training
+    from polypflow.train import checkpoint as training
     training.save_checkpoint(target, epoch=7, model={"w": torch.ones(1000)})
 elif how.startswith("csv"):
     import pandas as pd
@@ -199,7 +199,7 @@ def test_writer_killed_mid_write_leaves_the_old_file(tmp_path, how):
     suffix = "pt" if how.startswith("save_checkpoint") else "csv" if how.startswith("csv") else "json"
     target = tmp_path / f"out.{suffix}"
     if suffix == "pt":
-        from polypflow.training import save_checkpoint
+        from polypflow.train.checkpoint import save_checkpoint
 
         save_checkpoint(target, epoch=3, model={"w": torch.zeros(2)})
     else:

@@ -1,13 +1,16 @@
-"""One layout: the files dvc.yaml declares for a method are the files polypflow.layout names."""
+"""One layout: the files dvc.yaml declares for a method are the files polypflow.settings.layout names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
-from polypflow.config import load_params
-from polypflow.layout import method_layout
+from polypflow.settings.config import load_params
+from polypflow.settings.layout import method_layout
+
+pytestmark = pytest.mark.quick
 
 
 def stage_outs(repo, name: str) -> set[str]:

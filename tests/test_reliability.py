@@ -15,7 +15,7 @@ import pytest
 from conftest import read_params, stage_workdir, write_params
 from PIL import Image
 
-from polypflow.config import load_params
+from polypflow.settings.config import load_params
 from stages import ingest, split, train, validate
 
 CHECKPOINT = Path("artifacts/checkpoints/unet/checkpoint.pt")
@@ -51,7 +51,7 @@ def test_a_changed_added_or_removed_source_file_reruns_ingest(project, synthetic
 
 def test_a_source_path_outside_ingest_root_is_refused(synthetic_root, tmp_path):
     from conftest import synthetic_params
-    from polypflow.config import Params
+    from polypflow.settings.config import Params
 
     raw = synthetic_params(synthetic_root)
     raw["ingest"]["datasets"]["gamma"]["source"]["path"] = str(tmp_path)
@@ -99,7 +99,7 @@ def test_a_typo_fails_before_touching_the_checkpoint(one_epoch, change, message)
 def test_a_checkpoint_of_other_settings_is_kept_until_the_new_run_has_an_epoch(one_epoch):
     before = CHECKPOINT.read_bytes()
     edit(one_epoch, lambda p: p["train"]["defaults"].update(lr=1e-4))
-    from polypflow import training
+    from polypflow.train import engine as training
 
     def broken_epoch(*args, **kwargs):
         raise RuntimeError("power cut in the first epoch")
@@ -169,7 +169,7 @@ def test_sigterm_or_ctrl_c_ends_the_run_killed_with_one_line(long_training, sig)
 
 @pytest.mark.slow
 def test_the_trainer_dies_with_its_parent_and_a_sigkilled_run_is_ended_by_the_next(long_training):
-    from polypflow import tracking
+    from polypflow.track import runs as tracking
 
     parent = stage_process(long_training, via_parent=True)
     run = running_train_run()
@@ -195,7 +195,7 @@ def test_the_trainer_dies_with_its_parent_and_a_sigkilled_run_is_ended_by_the_ne
 
 
 def test_a_missing_or_replaced_store_is_an_error_before_evaluating(one_epoch, monkeypatch):
-    from polypflow.tracking import StoreMismatch
+    from polypflow.track.runs import StoreMismatch
     from stages import evaluate
 
     params = load_params("params.yaml")
@@ -221,3 +221,33 @@ def test_a_stage_started_elsewhere_works_in_its_project(one_epoch, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-2000:]
     assert (one_epoch / "data" / "splits.json").exists() and not (elsewhere / "data").exists()
+
+
+# --- issue 22: a settings error fails before DVC removes any output; an unknown key is an error ------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("typo", ["epoch_in_train_defaults", "builder_argument", "top_level_key", "split_key"])
+def test_a_settings_error_fails_before_any_output_is_removed(project, typo):
+    assert dvc(project, "repro", "split").returncode == 0
+    outputs = {p: p.read_bytes() for p in (project / "data").rglob("*") if p.is_file() and p.suffix in (".csv", ".json")}
+    good = read_params(project)
+    bad = read_params(project)
+    method = bad["train"]["methods"][0]
+    {"epoch_in_train_defaults": lambda: bad["train"]["defaults"].update(epoch=1),
+     "builder_argument": lambda: bad["methods"][method].setdefault("model", {}).update(encoder_nmae="x"),
+     "top_level_key": lambda: bad.update(trian={"defaults": {"epochs": 1}}),
+     "split_key": lambda: bad["split"].update(sead=1)}[typo]()
+    write_params(project, bad)
+    repro = dvc(project, "repro")
+    assert repro.returncode != 0, repro.stdout[-2000:]
+    assert "Running stage 'settings'" in repro.stdout and "Running stage 'split'" not in repro.stdout, repro.stdout[-3000:]
+    errors = [line for line in repro.stdout.splitlines() if " ERROR " in line and "stages" not in line]
+    assert len(errors) == 1 and ("epoch" in errors[0] or "encoder_nmae" in errors[0] or "trian" in errors[0]
+                                 or "sead" in errors[0]), repro.stdout[-2000:]
+    assert "Traceback" not in repro.stdout
+    assert {p: p.read_bytes() for p in outputs} == outputs  # nothing finished was removed or rewritten
+    write_params(project, good)
+    fixed = dvc(project, "repro", "split")  # the fixed setting costs one settings check, no stage's work
+    assert fixed.returncode == 0 and "Stage 'split' didn't change, skipping" in fixed.stdout, fixed.stdout[-2000:]
+    assert "Running stage 'split'" not in fixed.stdout and "Running stage 'ingest'" not in fixed.stdout

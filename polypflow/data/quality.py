@@ -1,9 +1,9 @@
 """Data quality: per-image facts, great-expectations suites over them, and a message per file at fault.
 
 Every image and mask is decoded once to measure facts (readable, channels, sizes, share of grey mask
-pixels, polyp area after thresholding, a mask scaled 0/1, a mask that looks inverted); exact duplicates are
-counted within and across datasets. Each failed check names the file at fault (the mask for the mask's checks)
-and says what was expected and what was found.
+pixels, polyp area after thresholding, a mask scaled 0/1, a mask that looks inverted: its polyp lines all four
+sides of the frame); exact duplicates are counted within and across datasets. Each failed check names the file
+at fault (the mask for the mask's checks) and says what was expected and what was found.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from PIL import Image
 
 from polypflow.settings.config import Validate
 
-MOSTLY = 0.5  # a mask is "mostly polyp" when polyp is the majority of its pixels
 # per-image checks of the mask: they name the mask (the image when there is no mask)
 MASK_CHECKS = frozenset({"mask_readable", "decoded_size_match", "ambiguous_fraction", "mask_scaled_0_1",
                          "mask_fraction", "likely_inverted"})
@@ -52,7 +51,7 @@ def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int
     """Decode one pair and measure what the suite checks; unreadable files are facts, not crashes."""
     facts = {"image_readable": False, "mask_readable": False, "channels": -1, "image_mode": "",
              "ambiguous_fraction": np.nan, "mask_fraction": np.nan, "border_fraction": np.nan,
-             "mask_scaled_0_1": False, "decoded_size_match": False}
+             "least_side_fraction": np.nan, "mask_scaled_0_1": False, "decoded_size_match": False}
     image_size = mask_size = None
     if image_path:
         try:
@@ -75,17 +74,28 @@ def image_facts(image_path: str, mask_path: str, threshold: int, band: tuple[int
 
 
 def mask_facts(grey: np.ndarray, threshold: int, band: tuple[int, int]) -> dict[str, Any]:
-    """Shares of grey pixels, of polyp in the frame and on its edge (outermost pixel ring). A mask scaled 0/1,
-    which the threshold reads as empty, is recognised as such; its polyp shares stay unmeasured (NaN), so it
-    fails once, as a 0/1 mask, and not also as an empty one."""
+    """Shares of grey pixels, of polyp in the frame, on its edge (outermost pixel ring) and on the side of the
+    frame that has least of it. A mask scaled 0/1, which the threshold reads as empty, is recognised as such; its
+    polyp shares stay unmeasured (NaN), so it fails once, as a 0/1 mask, and not also as an empty one."""
     lo, hi = band
     polyp = grey > threshold
     edge = np.concatenate([polyp[0], polyp[-1], polyp[1:-1, 0], polyp[1:-1, -1]])
+    sides = (polyp[0], polyp[-1], polyp[:, 0], polyp[:, -1])
     scaled_0_1 = threshold >= 1 and int(grey.max()) == 1
     return {"ambiguous_fraction": float(((grey > lo) & (grey < hi)).mean()),
             "mask_fraction": np.nan if scaled_0_1 else float(polyp.mean()),
             "border_fraction": np.nan if scaled_0_1 else float(edge.mean()),
+            "least_side_fraction": np.nan if scaled_0_1 else float(min(side.mean() for side in sides)),
             "mask_scaled_0_1": scaled_0_1}
+
+
+def likely_inverted(facts: pd.DataFrame, cfg: Validate) -> pd.Series:
+    """Masks whose polyp lines every side of the frame: over ``cfg.inverted_side_fraction`` of each of the four
+    sides. A polyp is a blob the camera looks at, which leaves at least one side of the frame clear; inverted,
+    the colon wall around it becomes the "polyp" and lines all four. A mask beyond ``max_mask_fraction`` fails
+    that check already ("an inverted mask?"), so it is not named twice."""
+    within = facts["mask_fraction"] <= cfg.max_mask_fraction
+    return within & (facts["least_side_fraction"] > cfg.inverted_side_fraction)
 
 
 def measure(manifest: pd.DataFrame, cfg: Validate, workers: int = 2) -> pd.DataFrame:
@@ -97,9 +107,7 @@ def measure(manifest: pd.DataFrame, cfg: Validate, workers: int = 2) -> pd.DataF
     df = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(facts)], axis=1)
     df["paired"] = (df["image_path"] != "") & (df["mask_path"] != "")
     df["file"] = df["image_path"].where(df["image_path"] != "", df["mask_path"])
-    # beyond max_mask_fraction a mask fails mask_fraction, which names it a likely inverted mask already
-    mostly_polyp = (df["mask_fraction"] > MOSTLY) & (df["mask_fraction"] <= cfg.max_mask_fraction)
-    df["likely_inverted"] = mostly_polyp & (df["border_fraction"] > cfg.inverted_border_fraction)
+    df["likely_inverted"] = likely_inverted(df, cfg)
     hashed = df["image_sha256"] != ""
     df["duplicates_within"] = 0
     df.loc[hashed, "duplicates_within"] = df[hashed].groupby(["dataset", "image_sha256"])["id"].transform("size") - 1
@@ -274,9 +282,10 @@ def _mask_fraction(row: pd.Series, cfg: Validate) -> str:
 
 
 def _inverted(row: pd.Series, cfg: Validate) -> str:
-    return (f"polyp covers {_pct(row['mask_fraction'])} of the frame and {_pct(row['border_fraction'])} of its edge, "
-            f"expected at most {_pct(cfg.inverted_border_fraction)} of the edge in a mask that is mostly polyp "
-            "(validate.inverted_border_fraction) — an inverted mask? Polyp must be the bright value")
+    return (f"polyp covers {_pct(row['mask_fraction'])} of the frame and lines all four of its sides "
+            f"({_pct(row['least_side_fraction'])} of the least covered one), expected a side at most "
+            f"{_pct(cfg.inverted_side_fraction)} polyp, as a polyp leaves one clear (validate.inverted_side_fraction)"
+            " — an inverted mask? Polyp must be the bright value")
 
 
 EXPLAIN: dict[str, Callable[[pd.Series, Validate], str]] = {

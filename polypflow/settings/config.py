@@ -90,7 +90,7 @@ class Validate(Strict):
     max_ambiguous_fraction: float = Field(ge=0, le=1)
     min_mask_fraction: float = Field(ge=0, le=1)
     max_mask_fraction: float = Field(ge=0, le=1)
-    inverted_border_fraction: float = Field(0.9, ge=0, le=1)
+    inverted_side_fraction: float = Field(ge=0, le=1)
     min_side: int = Field(ge=1)
     max_side: int = Field(ge=1)
     max_duplicate_fraction_within: float = Field(ge=0, le=1)
@@ -288,7 +288,8 @@ class Params(Strict):
         named = [*self.train.methods, self.crossval.method, *self.lr_search.methods]
         missing = [m for m in named if m not in self.methods]
         if missing:
-            raise ValueError(f"train.methods/crossval.method/lr_search.methods name {missing}, absent from methods:")
+            raise ValueError(f"train.methods/crossval.method/lr_search.methods name {missing}, absent from methods: "
+                             f"(configured: {', '.join(sorted(self.methods))})")
         clash = sorted(set(self.external) & set(self.methods))
         if clash:
             raise ValueError(f"external names {clash} are also keys of methods: (one name, one evaluation folder)")

@@ -128,3 +128,8 @@ class MethodLayout:
 
 def method_layout(params: Params, method: str) -> MethodLayout:
     return MethodLayout(Path(params.paths.artifacts), method)
+
+
+def settings_record(params: Params) -> Path:
+    """What stage ``settings`` writes once every settings file checked out, and every other stage depends on."""
+    return Path(params.paths.artifacts) / "settings" / "checked.json"

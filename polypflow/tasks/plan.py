@@ -13,8 +13,9 @@ from torch import nn
 
 from models import build_model, check_kwargs
 from polypflow.data.images import load_image_set, read_facts
+from polypflow.data.splits import read_test_lists
 from polypflow.infer.device import resolve_device
-from polypflow.settings.config import Params, Recipe
+from polypflow.settings.config import Params, ParamsError, Recipe
 from polypflow.tasks import Task, task_of
 from polypflow.train.checkpoint import set_aside_foreign
 from polypflow.train.engine import EpochCallback, FitResult, fit, seed_everything
@@ -54,15 +55,41 @@ def plan_method(params: Params, method: str, train_keys: list[str], val_keys: li
     ``max_train_items`` (seeded with ``seed + seed_offset``). A builder argument or a loss the task cannot train
     is an error naming the method, before anything is built or changed on disk."""
     arch, kwargs = params.method_arch(method)
-    check_kwargs(arch, kwargs, f"methods.{method}.model")
     recipe = recipe or params.recipe(method)
+    task = method_task(params, method, recipe)
+    return MethodPlan(method, arch, kwargs, recipe, subsample(train_keys, recipe.max_train_items, params.seed + seed_offset),
+                      list(val_keys), params.seed, task)
+
+
+def method_task(params: Params, method: str, recipe: Recipe) -> Task:
+    """``method``'s task with ``recipe``, its builder arguments and loss checked: an error naming the method and the
+    key, before anything is built or changed on disk."""
+    arch, kwargs = params.method_arch(method)
+    check_kwargs(arch, kwargs, f"methods.{method}.model")
     try:
         task = task_of(arch)(params, recipe)
         task.check()
     except ValueError as exc:
         raise ValueError(f"methods.{method}.{exc}" if str(exc).startswith("recipe.") else f"methods.{method}: {exc}") from None
-    return MethodPlan(method, arch, kwargs, recipe, subsample(train_keys, recipe.max_train_items, params.seed + seed_offset),
-                      list(val_keys), params.seed, task)
+    return task
+
+
+def check_settings(params: Params) -> list[str]:
+    """What no stage may find wrong only after DVC removed its outputs: every method a stage trains (its builder
+    arguments, recipe and loss: train.methods, crossval.method with crossval.recipe, lr_search.methods), the
+    device, and the protocol's test lists. Returns the methods checked."""
+    resolve_device(params.device)
+    if params.split.scheme == "pranet":
+        if not Path(params.split.test_lists).is_dir():
+            raise ParamsError(f"split.test_lists: {params.split.test_lists}: no such folder (scheme pranet reads "
+                              "<dataset>_test.txt there)")
+        read_test_lists(params.split)  # each readable, no id twice
+    planned = [(m, params.recipe(m)) for m in params.train.methods]
+    planned.append((params.crossval.method, params.recipe(params.crossval.method, params.crossval.recipe)))
+    planned += [(m, params.recipe(m, params.lr_search.recipe)) for m in params.lr_search.methods]
+    for method, recipe in planned:
+        method_task(params, method, recipe)
+    return sorted({method for method, _ in planned})
 
 
 def build_plan_model(plan: MethodPlan) -> nn.Module:

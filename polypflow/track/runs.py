@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from polypflow.data.images import by_image_key, read_facts
 from polypflow.settings.config import Params
-from polypflow.track.uri import tracking_uri
+from polypflow.track.uri import check_store, tracking_uri
 
 # a model-training experiment: MLflow 3's UI then opens on the runs, not on the GenAI overview (traces, tokens)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
@@ -35,6 +35,7 @@ def configure(params: Params) -> str:
     uri = tracking_uri(params)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
@@ -81,6 +82,7 @@ def require_run(params: Params, run_id: str, record: Path) -> None:
     """Before a stage works on the outputs of an earlier one: the store at the tracking URI must hold the run that
     ``record`` (its run.json) names, else the stage would log into a store that lost (or never had) its history."""
     uri = tracking_uri(params)
+    check_store(uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise StoreMismatch(f"no MLflow store at {uri.removeprefix('sqlite:///')}, but {record} names run {run_id} "
                             "logged there: was the store deleted? Restore it, or re-run the stages that log to it")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 import mlflow
 
-from polypflow.settings.config import Params, find_project
+from polypflow.settings.config import Params, ParamsError, find_project
 
 
 def tracking_uri(params: Params | None, flag: str | None = None, root: Path | None = None) -> str:
@@ -38,6 +39,23 @@ def local_store(uri: str, root: Path | None = None) -> Path | None:
     return path if path.is_absolute() or root is None else root / path
 
 
+def check_store(uri: str) -> None:
+    """A local SQLite store that exists must be a readable database: one line naming it and what to do, not an
+    SQLAlchemy traceback (a truncated ``mlflow.db``, a ``tracking.uri`` pointing at some other file)."""
+    store = local_store(uri)
+    if store is None or not uri.startswith("sqlite:///") or not store.is_file():
+        return
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        raise ParamsError(f"{store}: the MLflow store is not a readable SQLite database ({'; '.join(problems)[:200]}): "
+                          "restore it from a copy, or point tracking.uri (infra.yaml) or MLFLOW_TRACKING_URI at a good "
+                          "store")
+
+
 def use_existing_store(flag: str | None, project: tuple[Path, Params] | None) -> str:
     """Point MLflow at the resolved store, which must exist: never create one (a typo would give an empty store)."""
     root, params = project if project is not None else (None, None)
@@ -48,6 +66,7 @@ def use_existing_store(flag: str | None, project: tuple[Path, Params] | None) ->
         where = f" (tracking.uri of {root / 'params.yaml'})" if settings else ""
         raise FileNotFoundError(f"no MLflow store at {store}{where}: train a model first (dvc repro), or pass "
                                 "--tracking-uri")
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 

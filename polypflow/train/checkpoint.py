@@ -16,6 +16,7 @@ from polypflow.io import atomic_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "polypflow-checkpoint-v1"
+REMEDY = "restore it from a copy, or delete it and run `dvc repro` (its stage trains it again)"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -23,9 +24,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refuses anything but tensors and plain containers
-        raise ValueError(f"{path}: not a loadable polypflow checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path}: not a loadable polypflow checkpoint ({type(exc).__name__}: {exc}); {REMEDY}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a polypflow checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
+        raise ValueError(f"{path}: not a polypflow checkpoint (missing format tag {CHECKPOINT_FORMAT!r}); {REMEDY}")
     return state
 
 
@@ -58,9 +59,10 @@ def load_trained(path: Path) -> tuple[nn.Module, dict]:
 
 
 def set_aside_foreign(checkpoint: Path, fingerprint: str) -> list[Path]:
-    """Move a checkpoint of other settings beside the path (``<name>.other-<its fingerprint>``), never delete it:
-    a typo fixed a minute later must not cost hours of training. Returns every checkpoint so set aside (earlier
-    ones too), to be removed once this run has its first epoch."""
+    """Keep every checkpoint of other settings beside the path (``<name>.other-<its fingerprint>``), never delete it
+    here: a typo fixed a minute later must not cost hours of training. A checkpoint of other settings at the path is
+    moved aside; one set aside earlier whose settings are these (``fingerprint``) is taken back, so the run resumes
+    it. Returns the checkpoints left aside, to be removed once this run has its first epoch."""
     if checkpoint.exists():
         theirs = load_checkpoint(checkpoint).get("fingerprint")
         if theirs != fingerprint:
@@ -68,4 +70,8 @@ def set_aside_foreign(checkpoint: Path, fingerprint: str) -> list[Path]:
             checkpoint.replace(aside)
             log.info("%s belongs to other settings: kept as %s until this run has its first epoch", checkpoint,
                      aside.name)
+    ours = checkpoint.with_name(f"{checkpoint.name}.other-{fingerprint}")
+    if ours.exists() and not checkpoint.exists():
+        ours.replace(checkpoint)
+        log.info("%s: taken back (its settings are these ones); the run resumes it", ours.name)
     return sorted(checkpoint.parent.glob(f"{checkpoint.name}.other-*"))

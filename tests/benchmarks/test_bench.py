@@ -16,8 +16,9 @@ from benchmarks import bench
 from benchmarks.bench import inference, paper
 from benchmarks.bench.common import Setup
 from benchmarks.bench.report import paper_md
-from polypflow.config import Recipe
-from polypflow.data import ImageSet
+from polypflow.data.images import ImageSet
+from polypflow.settings.config import Recipe
+from polypflow.tasks.segmentation import SegmentationTask
 
 PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "paper.yaml"
 
@@ -67,7 +68,7 @@ def test_training_data_and_report(quick_result):
     (train,) = result["training"]
     assert train["status"] == "ok" and train["images_per_s"] > 0
     assert train["recipe"] == "fallback" and train["optimizer"] == "adamw" and train["channels_last"] is True
-    from polypflow.training import bf16_pays
+    from polypflow.infer.device import bf16_pays
     assert train["amp"] == ("bf16" if bf16_pays(torch.device("cpu")) else "off")  # as the trainer trains here
     data = result["data"]
     assert data["source"].startswith("synthetic") and data["cache_build_images_per_s"] > 0
@@ -81,12 +82,11 @@ def test_int8_model_is_quantised_and_close_to_fp32(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from models import build_model, method_entry
-    from polypflow.onnx_export import export_onnx
+    from models import method_entry
+    from polypflow.infer.onnx import export_onnx
 
-    torch.manual_seed(0)
-    model = build_model("fcn", **{**method_entry("fcn").test_kwargs, "pretrained": "none"}).eval()
-    fp32 = export_onnx(model, tmp_path / "fcn.onnx", image_size=64)
+    graph = inference.deployable("fcn", {**method_entry("fcn").test_kwargs, "pretrained": "none"})
+    fp32 = export_onnx(graph, tmp_path / "fcn.onnx", 64, inference.OPSET, ("probability",))
     int8 = inference.int8_onnx(fp32, tmp_path / "fcn-int8.onnx", size=64)
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -104,6 +104,7 @@ def profile_entry() -> tuple[dict, dict]:
     return data, data["methods"][paper.PAPER_ENTRY]
 
 
+@pytest.mark.quick
 def test_paper_recipe_is_the_profiles_ic_polypseg_recipe():
     data, spec = profile_entry()
     settings = paper.paper_settings(PROFILE, None)
@@ -115,6 +116,7 @@ def test_paper_recipe_is_the_profiles_ic_polypseg_recipe():
     assert settings.kwargs == {**spec["model"], "pretrained": "none"} and settings.profile_model == spec["model"]
 
 
+@pytest.mark.quick
 def test_paper_recipe_takes_only_the_keys_the_profile_leaves_unset_from_params():
     base = Recipe(image_size=64, epochs=3, batch_size=2, optimizer="sgd", lr=0.5, weight_decay=0.0, scheduler="cosine",
                   loss="bce", augment="strong", normalize="half", early_stop_patience=1, amp=False)
@@ -125,11 +127,12 @@ def test_paper_recipe_takes_only_the_keys_the_profile_leaves_unset_from_params()
     assert settings.inherited["normalize"] == "half" and settings.inherited_from == "params.yaml train.defaults"
 
 
+@pytest.mark.quick
 def test_paper_timing_fits_the_profiles_model_and_recipe(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_fit(model, recipe, train, val, device, checkpoint, seed, on_epoch):
-        seen["recipe"] = recipe
+    def fake_fit(model, recipe, train, val, device, checkpoint, seed, task, on_epoch):
+        seen["recipe"], seen["task"] = recipe, task
         for epoch in range(recipe.epochs):
             on_epoch(epoch + 1, {})
 
@@ -146,6 +149,7 @@ def test_paper_timing_fits_the_profiles_model_and_recipe(tmp_path, monkeypatch):
     report = paper.bench_paper(None, PROFILE, 2, 4, setup)
     settings = paper.paper_settings(PROFILE, None)
     assert seen["recipe"].model_dump() == {**settings.recipe.model_dump(), "epochs": 2}
+    assert isinstance(seen["task"], SegmentationTask) and seen["task"].recipe == seen["recipe"]  # trains what it times
     assert seen["size"] == settings.recipe.image_size and (seen["arch"], seen["kwargs"]) == (settings.arch, settings.kwargs)
     assert report["recipe"] == settings.recipe.model_dump() and report["epochs_full"] == settings.recipe.epochs
     assert report["settings"]["file"] == str(PROFILE) and report["settings"]["entry"] == "ic_polypseg_ef0"
@@ -154,6 +158,7 @@ def test_paper_timing_fits_the_profiles_model_and_recipe(tmp_path, monkeypatch):
     assert "`methods.ic_polypseg_ef0` of `" + str(PROFILE) + "`" in md and f"**{settings.recipe.epochs} epochs" in md
 
 
+@pytest.mark.quick
 def test_targets_are_judged_from_the_one_table():
     from benchmarks.bench.targets import evaluate_targets
 
@@ -167,6 +172,7 @@ def test_targets_are_judged_from_the_one_table():
         "ORT CPU int8 latency <= 0.5x eager (ic_polypseg, batch 1)", True)
 
 
+@pytest.mark.quick
 def test_synthetic_paper_data_has_the_protocols_sizes():
     assert paper.protocol_sizes(None) == {"train": 1305, "val": 145}  # PraNet: 900 + 550 train+val, 10 % val each
     split = SimpleNamespace(pranet_train={"kvasir": 100, "clinicdb": 50}, val_fraction_of_train=0.2)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from polypflow.data import ImageSet
-from polypflow.detection.boxes import mask_to_boxes
-from polypflow.detection.data import DetectionDataset, collate_detection, image_boxes
+from polypflow.data.images import ImageSet
+from polypflow.data.boxes import mask_to_boxes
+from polypflow.data.boxes import DetectionDataset, collate_detection, image_boxes
+
+pytestmark = pytest.mark.quick
 
 H, W = 40, 60
 

@@ -13,10 +13,11 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.fanout import GPU, fit_jobs, local_cluster, run_fan_out, task_runner
 from flows.pipeline import polypflow_pipeline
-from polypflow.config import Fanout, load_params
+from polypflow.settings.config import Fanout, load_params
 from tests.conftest import REPO, read_params, write_params
 
 
+@pytest.mark.quick
 def test_local_cluster_pins_one_worker_per_device_with_one_gpu_slot():
     with local_cluster(["0", "1"], threads_per_worker=1) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
@@ -27,12 +28,14 @@ def test_local_cluster_pins_one_worker_per_device_with_one_gpu_slot():
     assert all(w["nthreads"] == 1 for w in workers)
 
 
+@pytest.mark.quick
 def test_task_runner_uses_an_existing_cluster_when_given_its_address():
     assert task_runner(Fanout(address="tcp://10.0.0.5:8786")).address == "tcp://10.0.0.5:8786"
     local = task_runner(Fanout(devices=["0", "1", "2"]))
     assert local.address is None and local.cluster_kwargs["devices"] == ["0", "1", "2"]
 
 
+@pytest.mark.quick
 def test_fit_jobs_are_the_stages_fit_commands():
     params = load_params(REPO / "params.yaml")
     jobs = fit_jobs(params, ["unet", "fcn"], folds=True)

@@ -57,3 +57,20 @@ def test_a_refused_setting_is_not_retried(project, prefect_api):
 def test_unknown_method_is_rejected(project, prefect_api):
     with pytest.raises(ValueError, match="not in train.methods"):
         polypflow_pipeline(project_dir=str(project), methods=["pranet"])
+
+
+@pytest.mark.quick
+def test_an_unreachable_prefect_api_is_one_line_naming_it(tmp_path):
+    """Issue 22, item 7: PREFECT_API_URL pointing at nothing gives one line naming the URL, not tracebacks."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    run = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=REPO, env=env, text=True, capture_output=True,
+                         timeout=120)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert run.returncode != 0
+    assert len(lines) == 1 and "http://127.0.0.1:9/api" in lines[0] and "Traceback" not in lines[0], lines[-20:]

@@ -8,8 +8,9 @@ from torch import nn
 
 from models import build_model
 from models.cris import CRIS, MeanFieldCRF, RefinementFCN
-from polypflow.losses import SegLoss, bce, cris_active_loss, mse_prob
-from polypflow.onnx_export import export_onnx, onnx_session, parity
+from polypflow.train.losses import SegLoss, bce, cris_active_loss, mse_prob
+from polypflow.data.images import NORMALIZATION
+from polypflow.infer.onnx import DeployGraph, export_onnx, onnx_session, parity, probability
 
 SIZE = 64
 TINY_BACKBONES = {
@@ -183,5 +184,6 @@ def test_segnet_unpooling_exports_with_matching_output(tmp_path):
 
 def test_crf_strategy_exports_to_onnx(tmp_path):
     model = tiny_cris("backbone_crf").eval()
-    path = export_onnx(model, tmp_path / "cris_crf.onnx", image_size=SIZE)
-    assert parity(model, path, image_size=SIZE, batch=3) < 1e-4
+    graph = DeployGraph(model, probability, *NORMALIZATION["imagenet"])
+    path = export_onnx(graph, tmp_path / "cris_crf.onnx", SIZE, 18, ("probability",))
+    assert parity(graph, path, image_size=SIZE) < 1e-4

@@ -8,6 +8,8 @@ import torch
 from models import build_model, method_entry
 from models.gfl_atss import DGQP, postprocess
 
+pytestmark = pytest.mark.quick
+
 TINY = {**method_entry("gfl_atss").test_kwargs, "pretrained": "none"}
 
 

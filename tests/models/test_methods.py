@@ -8,12 +8,18 @@ import torch
 from torchvision.ops import box_iou
 
 from models import build_model, list_methods, method_entry, method_task
-from polypflow.detection.export import detector_parity, export_detector_onnx
-from polypflow.detection.training import detection_loss
-from polypflow.losses import build_loss
-from polypflow.onnx_export import export_onnx, parity
+from polypflow.data.images import NORMALIZATION
+from polypflow.infer.onnx import onnx_session
+from polypflow.settings.config import load_params
+from polypflow.tasks import task_of
+from polypflow.train.gfl.losses import detection_loss_terms
+from polypflow.train.losses import build_loss
+from tests.conftest import REPO
 
 SIZE = 64
+PARAMS = load_params(REPO / "params.yaml")
+MEAN, STD = NORMALIZATION["imagenet"]
+META = {"image_size": SIZE, "mean": list(MEAN), "std": list(STD)}  # what a trained model's metadata gives export
 
 
 def tiny(name: str) -> torch.nn.Module:
@@ -22,11 +28,13 @@ def tiny(name: str) -> torch.nn.Module:
     return build_model(name, **kwargs)
 
 
+@pytest.mark.quick
 def test_unknown_method_lists_known_ones():
     with pytest.raises(KeyError, match="registered: .*unet"):
         build_model("no_such_method")
 
 
+@pytest.mark.quick
 def test_every_method_has_a_task_and_the_lists_partition_the_registry():
     segmenters, detectors = list_methods("segmentation"), list_methods("detection")
     assert sorted(segmenters + detectors) == list_methods()
@@ -35,6 +43,7 @@ def test_every_method_has_a_task_and_the_lists_partition_the_registry():
 
 
 @pytest.mark.parametrize("name", list_methods("segmentation"))
+@pytest.mark.quick
 def test_forward_contract(name):
     model = tiny(name).eval()
     with torch.no_grad():
@@ -66,12 +75,16 @@ def test_training_step_lowers_loss(name):
 
 @pytest.mark.parametrize("name", list_methods("segmentation"))
 def test_onnx_export_parity(name, tmp_path):
-    model = tiny(name).eval()
-    path = export_onnx(model, tmp_path / f"{name}.onnx", image_size=SIZE)
-    assert parity(model, path, image_size=SIZE, batch=3) < 1e-3
+    """The task's export: normalisation, model and probability in one graph, as PyTorch computes it."""
+    model, task = tiny(name).eval(), task_of(name)
+    path = tmp_path / f"{name}.onnx"
+    max_diff, _ = task.export(model, META, path, PARAMS.export.opset)
+    assert max_diff < 1e-3
+    assert tuple(o.name for o in onnx_session(path).get_outputs()) == task.onnx_outputs == ("probability",)
 
 
 @pytest.mark.parametrize("name", list_methods("detection"))
+@pytest.mark.quick
 def test_detector_output_contract(name):
     """Raw outputs: per level, N x 1 x H x W joint scores in [0, 1] and N x 4(reg_max+1) x H x W box logits,
     finer levels first; ``decode`` gives per image boxes inside the image, best score first."""
@@ -104,7 +117,7 @@ def test_detector_training_steps_find_the_box(name):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(8):
         optimizer.zero_grad()
-        loss = detection_loss(model, image, boxes)
+        loss = detection_loss_terms(model, model(image), boxes, PARAMS.detection.atss_topk).total
         assert torch.isfinite(loss)
         loss.backward()
         optimizer.step()
@@ -122,11 +135,16 @@ def top_box_iou(model: torch.nn.Module, image: torch.Tensor, truth: torch.Tensor
 
 @pytest.mark.parametrize("name", list_methods("detection"))
 def test_detector_onnx_export_parity(name, tmp_path):
-    """Decoded boxes and scores before NMS, then the same NMS on both sides (score threshold 0 so that an
-    untrained model has detections to compare)."""
-    model = tiny(name).eval()
-    path = export_detector_onnx(model, tmp_path / f"{name}.onnx", image_size=SIZE)
-    result = detector_parity(model, path, image_size=SIZE, batch=3, score_threshold=0.0)
+    """The task's export: decoded boxes and scores before NMS, then the same NMS on both sides (score threshold 0
+    so that an untrained model has detections to compare)."""
+    model, task = tiny(name).eval(), task_of(name)
+    d = PARAMS.detection
+    meta = {**META, "decode": {"score_threshold": 0.0, "nms_iou": d.nms_iou, "max_detections": d.max_detections}}
+    path = tmp_path / f"{name}.onnx"
+    max_diff, extra = task.export(model, meta, path, PARAMS.export.opset)
+    result = extra["detections"]
     assert result["raw_boxes_max_abs"] < 1e-3 and result["raw_scores_max_abs"] < 1e-5
     assert result["detections"] > 0 and result["same_count"]
     assert result["boxes_max_abs"] < 1e-3 and result["scores_max_abs"] < 1e-5
+    assert max_diff == max(result["boxes_max_abs"], result["scores_max_abs"]) and extra["decode"] == meta["decode"]
+    assert tuple(o.name for o in onnx_session(path).get_outputs()) == task.onnx_outputs == ("boxes", "scores")

@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from polypflow.data import ImageSet, SegDataset, load_image_set, read_image, read_mask, to_tensor
+from polypflow.data.images import ImageSet, SegDataset, load_image_set, read_image, read_mask, to_tensor
 from polypflow.io import sha256_file
 from tests.conftest import make_dataset, make_pair
+
+pytestmark = pytest.mark.quick
 
 
 def facts_of(root: Path, n: int, dataset: str = "alpha") -> pd.DataFrame:

@@ -13,6 +13,8 @@ import pytest
 
 from polypflow.io import atomic_path, sha256_file, sha256_stream, write_bytes, write_json, write_text
 
+pytestmark = pytest.mark.quick
+
 
 class WriterDied(RuntimeError):
     pass

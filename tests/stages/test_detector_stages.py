@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, make_pair, read_params, stage_workdir, write_params
-from polypflow import predict
+from polypflow.deploy import predict
+from polypflow.infer.predictor import SizeLimits
 from models import method_entry
-from polypflow.config import load_params
-from polypflow.layout import method_layout
+from polypflow.settings.config import load_params
+from polypflow.settings.layout import method_layout
 from stages import evaluate, export, ingest, profile, register, split, train, validate
 from stages import report as report_stage
 
@@ -46,6 +47,7 @@ def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_
     assert set(metrics) >= {"val_ap50", "best_epoch", "threshold"} and "val_dice" not in metrics
     assert metrics["threshold"] == params.detection.match_score
     assert list(pd.read_csv(files.history).columns[:3]) == ["epoch", "train_loss", "val_ap50"]
+    assert "val_score" in pd.read_csv(files.history).columns  # the task's selection score, what dvc.yaml plots
     assert list(pd.read_csv(files.val_scores).columns) == ["key", "f1"]
 
     summary = evaluate.run(params, "det")
@@ -54,7 +56,7 @@ def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_
     for scores in summary.values():
         assert {"box_ap", "box_ap50", "box_ap75", "box_ar100", "f1", "n_boxes"} <= set(scores)
         assert scores["n_boxes"] >= scores["n"]  # every synthetic frame holds a polyp
-        assert 0 <= scores["f1"] <= 1 and (scores["box_ap50"] is None or 0 <= scores["box_ap50"] <= 1)
+        assert 0 <= scores["f1"] <= 1 and 0 <= scores["box_ap50"] <= 1  # every frame has a true box: AP is defined
     per_image = pd.read_csv(files.eval_table("per_image"))
     assert set(per_image.columns) >= {"key", "tp", "fp", "fn", "f1", "n_truth", "dataset", "protocol"}
     assert set(pd.read_csv(files.eval_table("pr")).columns) >= {"recall", "precision"}
@@ -67,22 +69,23 @@ def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_
     assert cost["params"] > 0 and cost["onnxruntime"]["p50_ms"] > 0
 
     record = register.run(params, "det")
-    assert record["global"]["name"] == params.tracking.global_detector and record["champion"] is True
+    assert record["global"]["name"] == params.tracking.global_models["detection"] and record["champion"] is True
     version = client.get_model_version("det", "1")
     assert version.tags["task"] == "detection"
-    assert ("test_box_ap50.gamma" in version.tags) == (summary["gamma"]["box_ap50"] is not None)
+    assert "test_box_ap50.gamma" in version.tags
     row = client.get_run(record["run_id"]).data.metrics
-    assert "val_ap50" in row and "test.gamma.dice" not in row
+    assert "val_ap50" in row and row["val_score"] == row["val_ap50"] and "test.gamma.dice" not in row
 
     # predict draws the boxes of the checkpoint and of the registered model alike; serving answers boxes
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(3):
         make_pair(900 + i, size=80)[0].save(frames / f"f{i}.png")
+    limits = SizeLimits(params.validate_.min_side, params.validate_.max_side)
     for model in (str(files.model), "models:/det@champion"):
         out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
-        table, skipped = predict.run(model, frames, out, threshold=0.0)
-        assert not skipped and list(table.columns) == ["image", "n_boxes", "max_score", "boxes"]
+        table, skipped = predict.run(model, frames, out, 0.0, limits)
+        assert not skipped and list(table.columns) == ["image", "boxes", "n_boxes", "max_score"]
         assert sorted(p.name for p in (out / "overlays").iterdir()) == ["f0.png", "f1.png", "f2.png"]
         assert all(len(json.loads(b)) == n for b, n in zip(table["boxes"], table["n_boxes"], strict=True))
         tables.append(table)

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO, stage_workdir
-from polypflow.config import ExternalMethod, Params, load_params
+from conftest import REPO, stage_workdir, unless_present
+from polypflow.settings.config import ExternalMethod, Params, load_params
+from polypflow.tasks.segmentation import SegmentationTask
 from stages import evaluate, ingest, split, validate
 
 SHARED = REPO.parent / "shared"
@@ -66,6 +67,7 @@ def test_external_maps_are_scored_like_a_model(tmp_path, synthetic_root, monkeyp
     assert runs.iloc[0]["metrics.test.alpha.dice"] == pytest.approx(1.0)
 
 
+@pytest.mark.quick
 def test_external_errors_name_the_file_or_setting(tmp_path, synthetic_root, monkeypatch):
     stage_workdir(tmp_path, synthetic_root, monkeypatch)
     params = load_params("params.yaml")
@@ -86,6 +88,7 @@ def test_external_errors_name_the_file_or_setting(tmp_path, synthetic_root, monk
         evaluate.run(params.model_copy(update={"external": {"pub": spec}}), "pub")
 
 
+@pytest.mark.quick
 def test_an_external_name_may_not_be_a_method_name(synthetic_root):
     from conftest import synthetic_params
 
@@ -113,11 +116,9 @@ def real_test_facts(params: Params) -> tuple[pd.DataFrame, dict[str, list[str]]]
     return pd.DataFrame(rows), test
 
 
-@pytest.mark.skipif(not (SHARED / "references" / "pranet_maps").is_dir(), reason="../shared/references absent")
+@unless_present((SHARED / "references" / "pranet_maps").is_dir(), "../shared/references absent")
 def test_pranet_published_maps_reproduce_the_papers_mean_dice():
     """Scored by the same code as our models, PraNet's maps give the paper's meanDic to within 0.01."""
-    from polypflow.metrics import TOOLBOX_CURVES, summarize
-
     params = load_params(REPO / "params.yaml")
     spec = params.external["pranet_published"]
     spec = spec.model_copy(update={"root": SHARED / "references" / "pranet_maps"})
@@ -126,6 +127,5 @@ def test_pranet_published_maps_reproduce_the_papers_mean_dice():
     for dataset, paper in PRANET_PAPER.items():
         keys, probs = maps(dataset, test[dataset])
         assert len(keys) == {"kvasir": 100, "clinicdb": 62, "colondb": 359}[dataset]
-        scores = evaluate.score_dataset(keys, probs, spec.threshold, params, facts)
-        summary = summarize(scores.per_image, {n: scores.curves[n].to_numpy() for n in TOOLBOX_CURVES})
+        _, summary = SegmentationTask(params).score_maps(keys, probs, spec.threshold, facts)
         assert summary["tb_dice"] == pytest.approx(paper, abs=0.01), dataset

@@ -13,9 +13,10 @@ import pytest
 from conftest import read_params, stage_workdir, write_params
 from http_server import FileServer
 
-from polypflow.config import load_params
-from polypflow.fetch import SourceError
+from polypflow.data.fetch import SourceError
+from polypflow.data.ingest import MANIFEST_COLUMNS
 from polypflow.io import sha256_file
+from polypflow.settings.config import load_params
 from stages import ingest
 
 COUNTS = {"alpha": 24, "beta": 16, "gamma": 10}
@@ -64,7 +65,7 @@ def assert_mirrors(manifest: pd.DataFrame, key: str, source: Path) -> None:
 def test_synthetic_datasets_make_the_manifest(project, synthetic_root):
     manifest = ingest.run(load_params("params.yaml"))
     on_disk = pd.read_csv("data/manifest.csv", keep_default_na=False, dtype={"id": str})
-    assert list(on_disk.columns) == ingest.MANIFEST_COLUMNS
+    assert list(on_disk.columns) == MANIFEST_COLUMNS
     pd.testing.assert_frame_equal(on_disk, manifest, check_dtype=False)
     assert manifest["dataset"].value_counts().to_dict() == COUNTS
     for key in COUNTS:
@@ -80,12 +81,7 @@ def test_synthetic_datasets_make_the_manifest(project, synthetic_root):
     assert beta.to_dict() == {str(i): f"beta/seq{(i - 1) // 4 + 1}" for i in range(1, 17)}
 
 
-def test_sequence_of_uses_inclusive_ranges():
-    ranges = [(1, 25), (26, 50)]
-    assert [ingest.sequence_of(s, ranges) for s in ("1", "25", "26", "50", "51", "x7")] == [1, 1, 2, 2, None, None]
-    assert ingest.sequence_of("3", []) is None
-
-
+@pytest.mark.quick
 def test_local_zip_archive_source(workdir, synthetic_root, tmp_path):
     archive = zip_folder(synthetic_root / "gamma", tmp_path / "gamma.zip")
     set_dataset(workdir, "gamma", {"name": "Gamma", "source": {"kind": "local", "path": str(archive)}},
@@ -113,6 +109,7 @@ def test_url_source_is_downloaded_verified_and_extracted(workdir, synthetic_root
     assert_mirrors(manifest, "gamma", synthetic_root / "gamma")
 
 
+@pytest.mark.quick
 def test_url_source_with_wrong_sha256_fails(workdir, synthetic_root, tmp_path):
     archive = zip_folder(synthetic_root / "gamma", tmp_path / "gamma.zip")
     with FileServer() as server:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import synthetic_params, write_params
-from polypflow.config import load_params
+from polypflow.settings.config import load_params
 from stages import ingest, lr_search, split, validate
 
 

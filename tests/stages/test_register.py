@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import stage_workdir
-from polypflow.config import load_params
-from polypflow.layout import method_layout
+from polypflow.settings.config import load_params
+from polypflow.settings.layout import method_layout
 from stages import evaluate, export, ingest, profile, register, split, train, validate
 
 

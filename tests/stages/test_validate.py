@@ -90,6 +90,17 @@ def polyp_on_the_left(mask: Image.Image) -> Image.Image:
     return large
 
 
+def polyp_at_the_bottom(mask: Image.Image) -> Image.Image:
+    """A large polyp cut by the frame's bottom edge: 24 % of the frame along 13 % of its edge, on one side only."""
+    large = Image.new("L", mask.size, 0)
+    ImageDraw.Draw(large).ellipse([14, 34, 52, 72], fill=255)
+    return large
+
+
+def inverted_polyp_at_the_bottom(mask: Image.Image) -> Image.Image:
+    return ImageOps.invert(polyp_at_the_bottom(mask))
+
+
 G = "data/raw/gamma"
 CASES = [  # id, damage, failed check (column), offending files it must name, what the message says about one of them
     ("truncated_jpeg", lambda r: truncate(r / "alpha/images/5.jpg"), "image_readable", ["data/raw/alpha/images/5.jpg"],
@@ -119,8 +130,13 @@ CASES = [  # id, damage, failed check (column), offending files it must name, wh
      [f"{G}/masks/5.png"], f"{G}/masks/5.png: polyp covers 99 % of the frame, expected at most 95 % "
      "(validate.max_mask_fraction) — an inverted mask?"),
     ("inverted_mask", lambda r: edit(r / "gamma/masks/5.png", ImageOps.invert), "likely_inverted", [f"{G}/masks/5.png"],
-     f"{G}/masks/5.png: polyp covers 89 % of the frame and 100 % of its edge, expected at most 90 % of the edge in "
-     "a mask that is mostly polyp (validate.inverted_border_fraction) — an inverted mask?"),
+     f"{G}/masks/5.png: polyp covers 89 % of the frame and lines all four of its sides (100 % of the least covered "
+     "one), expected a side at most 5 % polyp, as a polyp leaves one clear (validate.inverted_side_fraction) — an "
+     "inverted mask? Polyp must be the bright value"),
+    # issue 22: inverted, a large polyp at the edge leaves 76 % "polyp" along 87 % of the edge (the old rule's 90 %)
+    ("inverted_polyp_at_the_edge", lambda r: edit(r / "gamma/masks/5.png", inverted_polyp_at_the_bottom),
+     "likely_inverted", [f"{G}/masks/5.png"], f"{G}/masks/5.png: polyp covers 76 % of the frame and lines all four "
+     "of its sides (48 % of the least covered one), expected a side at most 5 % polyp"),
     ("rgba_image", lambda r: edit(r / "gamma/images/8.png", lambda im: im.convert("RGBA")),
      "channels", [f"{G}/images/8.png"], f"{G}/images/8.png: expected 3 channels, found 4 (RGBA)"),
     ("greyscale_image", lambda r: edit(r / "gamma/images/9.png", lambda im: im.convert("L")),
@@ -137,7 +153,8 @@ CASES = [  # id, damage, failed check (column), offending files it must name, wh
      "beta, expected at most 0 (validate.max_duplicates_across)"),
 ]
 # a damaged mask whose content is at fault fails that one check, not also another one for the same fault
-ALONE = {"size_mismatch", "grey_mask", "empty_mask", "mask_scaled_0_1", "mask_almost_all_polyp", "inverted_mask"}
+ALONE = {"size_mismatch", "grey_mask", "empty_mask", "mask_scaled_0_1", "mask_almost_all_polyp", "inverted_mask",
+         "inverted_polyp_at_the_edge"}
 
 
 # --- tests ----------------------------------------------------------------------------------------------
@@ -161,6 +178,7 @@ def test_tolerated_imperfections_pass(workdir, data):
     configured thresholds are fine."""
     edit(data / "gamma/masks/6.png", grey_rows(2))  # 3 % grey, under max_ambiguous_fraction 5 %
     edit(data / "gamma/masks/7.png", polyp_on_the_left)  # 63 % polyp along 56 % of the edge: not inverted
+    edit(data / "gamma/masks/8.png", polyp_at_the_bottom)  # 24 % polyp cut by the bottom edge: not inverted
     copy_pair(data / "gamma", data / "gamma", "1", "11")
     params = read_params(workdir)
     params["validate"]["max_duplicate_fraction_within"] = 0.1  # 1 of 11 gamma images is a copy

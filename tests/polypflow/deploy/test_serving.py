@@ -1,6 +1,6 @@
-"""Serving the champion: the real `mlflow models serve` answers a frame with the mask `polypflow.predict` draws.
+"""Serving the champion: the real `mlflow models serve` answers a frame with the mask `polypflow.deploy.predict` draws.
 
-A tiny UNet is fitted for a few steps, logged by ``stages.train.log_model`` and registered (alias ``champion``)
+A tiny UNet is fitted for a few steps, logged by ``polypflow.deploy.serving.log_model`` and registered (alias ``champion``)
 in a throwaway SQLite store; ``mlflow models serve -m models:/polyp-segmenter@champion --env-manager local``
 runs on a free loopback port; each request format MLflow accepts is checked against the predict CLI on the
 same files, and bad requests must get a 400 with the reason, not a 500 or a traceback.
@@ -25,20 +25,21 @@ from PIL import Image
 from services import NO_PROXY, free_port, service, wait_http
 
 from models import build_model
-from polypflow import predict, tracking
-from polypflow.config import Promotion, Validate
-from polypflow.data import NORMALIZATION, to_tensor
-from polypflow.losses import build_loss
-from stages.train import log_model
+from polypflow.data.images import NORMALIZATION, to_tensor
+from polypflow.deploy import predict
+from polypflow.deploy.serving import log_model
+from polypflow.infer.predictor import SizeLimits
+from polypflow.settings.config import Promotion, load_params
+from polypflow.track import registry
+from polypflow.train.losses import build_loss
 from tests.conftest import REPO, make_pair
 
 pytestmark = pytest.mark.slow
 
 KVASIR = REPO.parent / "shared" / "data" / "Kvasir-SEG" / "images"
 KWARGS = {"encoder": "test_efficientnet", "pretrained": "none", "decoder_channels": [16, 16, 8, 8, 8]}
-LIMITS = Validate(mask_threshold=127, ambiguous_band=(32, 223), max_ambiguous_fraction=0.05, min_mask_fraction=0.0,
-                  max_mask_fraction=1.0, min_side=64, max_side=4096, max_duplicate_fraction_within=0.0,
-                  max_duplicates_across=0)
+VALIDATE = load_params(REPO / "params.yaml").validate_
+LIMITS = SizeLimits(VALIDATE.min_side, VALIDATE.max_side)  # validate.min_side/max_side: 64/4096
 
 
 def tiny_trained_unet() -> torch.nn.Module:
@@ -81,7 +82,7 @@ def champion(tmp_path_factory) -> dict:
             "mean": list(mean), "std": list(std), "threshold": 0.5, "val_dice": 0.5, "best_epoch": 1}
     with mlflow.start_run(experiment_id=experiment) as run:
         info = log_model(tiny_trained_unet(), meta, LIMITS)
-    tracking.register(info.model_uri, "unet", tags=meta, score=0.5, run_id=run.info.run_id,
+    registry.register(info.model_uri, "unet", tags=meta, score=0.5, run_id=run.info.run_id,
                       promotion=Promotion(n_boot=100), global_name="polyp-segmenter")
     files = frames(root / "frames")
     predict.main(["--model", "models:/polyp-segmenter@champion", "--tracking-uri", uri, "--input",

@@ -1,4 +1,4 @@
-"""COCO metrics through torchmetrics on hand-made cases, per-image matching, drawing, and boxes from a map."""
+"""COCO metrics through torchmetrics on hand-made cases, per-image matching, boxes from a map (drawing: test_viz)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from models.gfl_atss import Detections
-from polypflow.detection.evaluate import (
+from polypflow.evaluate.box_metrics import (
     boxes_from_probability,
     coco_metrics,
-    draw_boxes,
     match_image,
     per_image_scores,
     pick_cases,
+    score_threshold_sweep,
+    truth_boxes,
 )
-from polypflow.predict import PRED_COLOUR, TRUTH_COLOUR
+
+pytestmark = pytest.mark.quick
 
 TRUTH = [torch.tensor([[10.0, 10, 110, 110]]), torch.tensor([[0.0, 0, 50, 40], [60, 60, 90, 100]])]
 
@@ -93,8 +95,22 @@ def test_boxes_from_probability_scores_each_component_by_its_mean():
     assert empty.boxes.shape == (0, 4) and empty.scores.shape == (0,)
 
 
-def test_draw_boxes_uses_the_truth_and_prediction_colours():
-    image = np.zeros((120, 120, 3), np.uint8)
-    out = draw_boxes(image, TRUTH[0], detections([[30, 30, 60, 60], [0, 0, 5, 5]], [0.7, 0.1]), score_threshold=0.5)
-    assert out.shape == image.shape and not out[:5, :5].any()  # the 0.1 detection is not drawn
-    assert (out[10, 50] == TRUTH_COLOUR).all() and (out[30, 45] == PRED_COLOUR).all()
+def test_score_threshold_sweep_counts_matches_over_the_set():
+    """The detections of test_match_image on an image with A and B, plus an image with neither: at 0.1 every
+    box counts (TP A and B, FP the duplicate and the box elsewhere: F1 4/6), at 0.5 as in test_match_image
+    (F1 0.4), at 0.95 none (F1, precision and recall 0)."""
+    found = detections([[0, 0, 50, 40], [1, 0, 50, 40], [200, 200, 220, 220], [60, 60, 90, 100]], [0.9, 0.8, 0.7, 0.2])
+    sweep = score_threshold_sweep([found, detections([], [])], [TRUTH[1], torch.zeros(0, 4)], np.array([0.1, 0.5, 0.95]))
+    assert list(sweep.columns) == ["threshold", "f1", "precision", "recall"]
+    assert sweep["threshold"].tolist() == [0.1, 0.5, 0.95]
+    assert sweep["f1"].tolist() == pytest.approx([4 / 6, 0.4, 0.0])
+    assert sweep["precision"].tolist() == pytest.approx([0.5, 1 / 3, 0.0])
+    assert sweep["recall"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_truth_boxes_are_the_components_of_at_least_min_area():
+    mask = np.zeros((30, 30), np.uint8)
+    mask[2:6, 3:9] = 1
+    mask[25, 25] = 1  # a 1 px speck
+    torch.testing.assert_close(truth_boxes(mask, min_area=2).float(), torch.tensor([[3.0, 2, 9, 6]]))
+    assert len(truth_boxes(mask, min_area=1)) == 2 and truth_boxes(np.zeros((8, 8), np.uint8), 1).shape == (0, 4)

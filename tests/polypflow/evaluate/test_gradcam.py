@@ -9,8 +9,8 @@ from PIL import Image
 from torch import nn
 
 from models import build_model, method_entry
-from polypflow.gradcam import find_target_layer, gradcam_heatmap, overlay, save_panels
-from polypflow.losses import build_loss
+from polypflow.evaluate.gradcam import find_target_layer, gradcam_heatmap, overlay, save_panels
+from polypflow.train.losses import build_loss
 
 SIZE = 64
 
@@ -49,6 +49,7 @@ def test_default_target_is_the_last_decoder_conv(name):
     assert layer is not model.net.segmentation_head[0]
 
 
+@pytest.mark.quick
 def test_target_layer_by_dotted_path_and_model_attribute():
     model = tiny("unet")
     assert find_target_layer(model, "net.decoder.blocks.3") is model.net.decoder.blocks[3]
@@ -78,6 +79,7 @@ def test_heatmap_for_hrnet_lowrank_main_map():
     assert heatmap.shape == (SIZE, SIZE) and 0 <= heatmap.min() <= heatmap.max() <= 1
 
 
+@pytest.mark.quick
 def test_overlay_blends_and_outlines_the_mask():
     image = np.full((32, 32, 3), 128, np.uint8)
     heatmap = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polypflow.metrics import BINARY_METRICS, binary_metrics, confusion, dice_batch, pr_points
+from polypflow.evaluate.seg_metrics import BINARY_METRICS, binary_metrics, confusion, dice_batch, pr_points
+
+pytestmark = pytest.mark.quick
 
 
 def crafted() -> tuple[np.ndarray, np.ndarray]:

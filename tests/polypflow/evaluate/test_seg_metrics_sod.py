@@ -8,7 +8,9 @@ import py_sod_metrics as sod
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from polypflow.metrics import binary_metrics, roc_auc, score_image, summarize, toolbox_metrics
+from polypflow.evaluate.seg_metrics import binary_metrics, roc_auc, score_image, summarize, toolbox_metrics
+
+pytestmark = pytest.mark.quick
 
 
 def blob(seed: int, shape=(48, 56)) -> tuple[np.ndarray, np.ndarray]:

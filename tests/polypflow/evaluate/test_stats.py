@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from polypflow.stats import bootstrap_ci, holm, paired_bootstrap, promotion_decision
+from polypflow.evaluate.stats import bootstrap_ci, holm, paired_bootstrap, promotion_decision
+
+pytestmark = pytest.mark.quick
 
 
 def scores(values, prefix="img") -> pd.Series:

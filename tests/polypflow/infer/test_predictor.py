@@ -11,16 +11,19 @@ import torch
 from PIL import Image
 
 from models import build_model, method_entry
-from polypflow.data import NORMALIZATION, to_tensor
-from polypflow.inference import (ImageError, Predictor, SizeLimits, TorchBackend, decode_image, to_resolution,
-                                 trained_predictor)
-from polypflow.onnx_export import ProbabilityHead
-from polypflow.training import predict_probs
-from tests.conftest import make_pair
+from polypflow.data.images import NORMALIZATION, to_tensor
+from polypflow.infer.onnx import DeployGraph, probability
+from polypflow.infer.predictor import (ImageError, MapBackend, Predictor, SizeLimits, TorchBackend, decode_image,
+                                       to_resolution)
+from polypflow.settings.config import load_params
+from polypflow.tasks.segmentation import SegmentationTask, predict_probs
+from tests.conftest import REPO, make_pair
 
 CPU = torch.device("cpu")
 MEAN, STD = NORMALIZATION["imagenet"]
 META = {"image_size": 64, "mean": list(MEAN), "std": list(STD), "threshold": 0.4}
+VALIDATE = load_params(REPO / "params.yaml").validate_
+LIMITS = SizeLimits(VALIDATE.min_side, VALIDATE.max_side)  # what the CLI and the server refuse by default
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,8 @@ def previous_validation_probs(model, images, normalize, device, batch_size=16, c
 
 
 def previous_predict_image(head, size, image):
-    """predict.predict_image with a checkpoint's ProbabilityHead as it was before the predictor (verbatim)."""
+    """predict.predict_image with a checkpoint's exported graph (normalisation and sigmoid inside) as it was before
+    the predictor (verbatim)."""
     small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     x = np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255
     with torch.no_grad():
@@ -62,21 +66,24 @@ def previous_predict_image(head, size, image):
 def test_validation_probabilities_are_unchanged(model, channels_last):
     images = np.stack(frames([(64, 64)] * 5))
     expected = previous_validation_probs(model, images, "imagenet", CPU, 2, channels_last)
-    np.testing.assert_allclose(predict_probs(model, images, "imagenet", CPU, 2, channels_last), expected,
+    np.testing.assert_allclose(predict_probs(model, images, "imagenet", CPU, channels_last), expected,
                                rtol=0, atol=1e-6)
+    batched = Predictor(TorchBackend(model, "imagenet", CPU, channels_last), 64, 0.5, batch_size=2)
+    np.testing.assert_allclose(batched.predict_resized(images), expected, rtol=0, atol=1e-6)
     assert predict_probs(model, images[:0], "imagenet", CPU).shape == (0, 64, 64)
 
 
 def test_predict_cli_maps_are_unchanged_and_come_back_at_the_image_resolution(model):
-    head = ProbabilityHead(model, MEAN, STD).eval()
-    predictor = trained_predictor(model, META)
+    head = DeployGraph(model, probability, MEAN, STD).eval()
+    predictor = SegmentationTask.predictor(model, META)
     images = frames([(72, 96), (110, 150), (64, 64)])
     for image, prob in zip(images, predictor.predict(images), strict=True):
         assert prob.shape == image.shape[:2] and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
         np.testing.assert_allclose(prob, previous_predict_image(head, 64, image), rtol=0, atol=1e-6)
-    assert predictor.threshold == 0.4 and trained_predictor(model, META, threshold=0.7).threshold == 0.7
+    assert predictor.threshold == 0.4 and SegmentationTask.predictor(model, META, threshold=0.7).threshold == 0.7
 
 
+@pytest.mark.quick
 def test_evaluation_resize_rule_is_unchanged():
     prob = np.random.default_rng(0).uniform(-0.2, 1.2, (64, 64)).astype(np.float32)
     gt_shape = (288, 384)
@@ -85,7 +92,7 @@ def test_evaluation_resize_rule_is_unchanged():
 
 
 def test_one_image_or_a_batch_give_the_same_maps(model):
-    predictor = trained_predictor(model, META, batch_size=2)
+    predictor = SegmentationTask.predictor(model, META, batch_size=2)
     images = frames([(72, 96), (110, 150), (64, 64)])
     together = predictor.predict(images)
     for image, prob in zip(images, together, strict=True):
@@ -104,10 +111,11 @@ def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> byte
     return buffer.getvalue()
 
 
+@pytest.mark.quick
 def test_decode_accepts_rgb_png_and_jpeg():
     image = frames([(72, 96)])[0]
-    np.testing.assert_array_equal(decode_image(encode(image)), image)
-    assert decode_image(encode(image, "JPEG")).shape == (72, 96, 3)
+    np.testing.assert_array_equal(decode_image(encode(image), LIMITS), image)
+    assert decode_image(encode(image, "JPEG"), LIMITS).shape == (72, 96, 3)
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -119,11 +127,13 @@ def test_decode_accepts_rgb_png_and_jpeg():
     (encode(np.zeros((80, 80, 4), np.uint8)), "expected 3 channels (RGB), found 4 (mode RGBA)"),
     (encode(np.zeros((64, 64, 3), np.uint8))[:60], "not a decodable image"),
 ])
+@pytest.mark.quick
 def test_decode_refuses_with_the_reason(data, reason):
     with pytest.raises(ImageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
-        decode_image(data)
+        decode_image(data, LIMITS)
 
 
+@pytest.mark.quick
 def test_decode_size_limits_are_configurable():
     image = np.zeros((40, 5000, 3), np.uint8)
     with pytest.raises(ImageError, match="40..4096"):
@@ -131,13 +141,17 @@ def test_decode_size_limits_are_configurable():
     assert decode_image(encode(image), SizeLimits(32, 5000)).shape == (40, 5000, 3)
 
 
+@pytest.mark.quick
 def test_predictor_probs_of_an_arbitrary_backend_batches():
     calls = []
 
-    def backend(batch):
-        calls.append(len(batch))
-        return batch[..., 0].astype(np.float32) / 255
+    class RedBackend(MapBackend):
+        def __call__(self, batch):
+            calls.append(len(batch))
+            return batch[..., 0].astype(np.float32) / 255
 
     images = np.full((5, 8, 8, 3), 51, np.uint8)
-    probs = Predictor(backend, 8, batch_size=2).probs(images)
+    predictor = Predictor(RedBackend(), 8, 0.3, batch_size=2)
+    probs = predictor.predict_resized(images)
     assert calls == [2, 2, 1] and probs.shape == (5, 8, 8) and np.allclose(probs, 0.2)
+    assert not predictor.keep(probs).any() and predictor.keep(probs, threshold=0.2).all()

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_pair, synthetic_params
-from polypflow.config import Params
+from polypflow.settings.config import Params
 from polypflow.report import line_styles, load_method
 from stages import report as report_stage
+
+pytestmark = pytest.mark.quick
 
 
 def write_eval(root, method: str, keys: dict[str, list[str]], shift: float, rng, below_half: float = 0.0) -> None:
@@ -120,7 +122,7 @@ def test_every_method_gets_its_own_line_style(tmp_path, synthetic_root):
 
 def with_published_maps(tmp_path, params: Params) -> Params:
     """An external method (published maps) scored on all of alpha and 6 of gamma's 8 images, better than unet."""
-    from polypflow.config import ExternalMethod
+    from polypflow.settings.config import ExternalMethod
 
     keys = {"alpha": [f"alpha/{i}" for i in range(1, 13)], "gamma": [f"gamma/{i}" for i in range(1, 7)]}
     write_eval(tmp_path, "published", keys, 0.1, np.random.default_rng(0))

@@ -10,8 +10,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from polypflow.config import SETTINGS_FILES, Params, ParamsError, Recipe, load_params, read_settings
+from polypflow.settings.config import SETTINGS_FILES, Params, ParamsError, Recipe, load_params, read_settings
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.quick
 
 BASE = read_settings(REPO / "params.yaml")[0]  # params.yaml and the settings files beside it, merged
 
@@ -52,7 +54,7 @@ def test_repository_params_load():
 def test_every_profile_over_the_repository_settings_loads(profile):
     """Every profile (an overlay) gives valid settings, and every method it trains has its builder's arguments."""
     from models import check_kwargs
-    from polypflow.profiles import deep_merge
+    from polypflow.settings.profiles import deep_merge
 
     overlay = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
     params = Params.model_validate(deep_merge(BASE, overlay))
@@ -193,7 +195,7 @@ def test_a_key_in_two_settings_files_names_both(tmp_path):
 
 
 def test_an_error_names_the_settings_file_holding_the_key(tmp_path):
-    from polypflow.config import split_settings
+    from polypflow.settings.config import split_settings
 
     data = edited(methods__unet__recipe={"lr": -1})
     for name, part in split_settings(data).items():

@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from conftest import synthetic_params, write_params
-from polypflow import profiles
-from polypflow.config import ParamsError, load_params
+from polypflow.settings import profiles
+from polypflow.settings.config import ParamsError, load_params
 
 
+@pytest.mark.quick
 def test_assignments_own_what_any_profile_sets():
     base = {"train": {"methods": ["a"], "defaults": {"lr": 1, "epochs": 3}}, "methods": {"a": {}, "b": {"x": 1}}}
     full = {"train": {"methods": ["a", "b"], "defaults": {"epochs": 6}}}
@@ -28,6 +29,7 @@ def test_assignments_own_what_any_profile_sets():
     assert profiles.assignments(base, {}, [full, paper])[("train", "defaults", "epochs")] == 3  # default
 
 
+@pytest.mark.quick
 def test_set_param_args_address_the_file_holding_the_section():
     args = profiles.set_param_args({("train", "methods"): ["a", "b"], ("methods", "a", "recipe", "lr"): 0.5,
                                     ("report", "pairs"): [["a", "b"]]})
@@ -60,7 +62,7 @@ def git_project(tmp_path, synthetic_root):
 
 
 def profile(root, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polypflow.profiles", *args], cwd=root, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "polypflow.settings.profiles", *args], cwd=root, capture_output=True, text=True)
 
 
 @pytest.mark.slow

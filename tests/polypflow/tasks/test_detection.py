@@ -1,17 +1,26 @@
-"""Smoke test of the detection training adapter: the tiny detector on synthetic 64x64 polyps, a few steps."""
+"""Smoke test of the detection task: the tiny detector on synthetic 64x64 polyps, a few steps; its settings; its
+answer to one image."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from models import build_model, method_entry
-from polypflow.data import ImageSet
-from polypflow.detection.training import DetectionTask, detection_loss_terms, predict_boxes
-from tests.conftest import make_pair
+from models.gfl_atss import Detections
+from polypflow.data.images import ImageSet
+from polypflow.infer.predictor import BoxBackend, Predictor
+from polypflow.settings.config import Params, load_params
+from polypflow.tasks.detection import DetectionTask
+from polypflow.train.gfl.losses import detection_loss_terms
+from tests.conftest import REPO, make_pair
 
 STEPS = 20
+PARAMS = load_params(REPO / "params.yaml")
 
 
 def synthetic(n: int) -> ImageSet:
@@ -21,14 +30,20 @@ def synthetic(n: int) -> ImageSet:
     return ImageSet([f"synthetic/{i}" for i in range(n)], images, masks)
 
 
+def detection_method(params: Params) -> str:
+    return next(m for m in params.methods if params.method_arch(m)[0] == "gfl_atss")
+
+
 def test_tiny_detector_learns_the_synthetic_polyps():
     """AP50 on the 8 training images after 20 Adam steps (batch 8, flips and rot90) above 0.5 and above its
     value before training (measured: 0.0 before, 1.0 after); every step has positives and a finite loss."""
     torch.manual_seed(0)
     model = build_model("gfl_atss", pretrained="none", **method_entry("gfl_atss").test_kwargs)
-    data, task, cpu = synthetic(8), DetectionTask(min_area=4), torch.device("cpu")
-    before = task.validation_score(model, data, "imagenet", cpu)
-    dataset = task.dataset(data, "imagenet", augment="basic")
+    recipe = PARAMS.recipe(detection_method(PARAMS), {"image_size": 64, "normalize": "imagenet", "augment": "basic"})
+    data, task, cpu = synthetic(8), DetectionTask(PARAMS, recipe), torch.device("cpu")
+    task.check()  # the method's recipe trains with the detector's loss
+    before = task.validate(model, data, cpu)["val_ap50"]
+    dataset = task.dataset(data)
     dataset.transform.set_random_seed(0)
     loader = DataLoader(dataset, batch_size=8, shuffle=True, collate_fn=task.collate,
                         generator=torch.Generator().manual_seed(0))
@@ -37,11 +52,64 @@ def test_tiny_detector_learns_the_synthetic_polyps():
     for _ in range(STEPS):
         for images, boxes in loader:
             optimizer.zero_grad()
-            terms = detection_loss_terms(model, images, boxes, task.topk)
+            terms = detection_loss_terms(model, model(images), boxes, PARAMS.detection.atss_topk)
             assert torch.isfinite(terms.total) and terms.positives > 0
             terms.total.backward()
             optimizer.step()
-    after = task.validation_score(model, data, "imagenet", cpu)
+    after = task.validate(model, data, cpu)["val_ap50"]
     assert after > max(before, 0.5), (before, after)
-    found = predict_boxes(model, data.images[:2], "imagenet", cpu)
-    assert all(len(d.boxes) <= 100 and (d.scores > 0.05).all() for d in found)
+    found = task.detect(model, data.images[:2], cpu)
+    decode = PARAMS.detection
+    assert len(found) == 2
+    assert all(len(d.boxes) <= decode.max_detections and (d.scores > decode.score_threshold).all() for d in found)
+
+
+@pytest.mark.parametrize(("image_size", "expected"), [(352, 16), (704, 64), (176, 4), (64, 1)])
+@pytest.mark.quick
+def test_training_boxes_keep_the_minimum_area_of_a_papers_frame_at_the_training_size(image_size, expected):
+    """detection.min_box_area (here 16 px) holds at profile.macs_image_size (here 352 px) and scales with the area."""
+    params = PARAMS.model_copy(update={"detection": PARAMS.detection.model_copy(update={"min_box_area": 16}),
+                                       "profile": PARAMS.profile.model_copy(update={"macs_image_size": 352})})
+    recipe = params.recipe(detection_method(params), {"image_size": image_size})
+    assert DetectionTask(params, recipe).min_area == expected
+    assert DetectionTask(params).min_area == 16  # no recipe: at profile.macs_image_size
+
+
+@pytest.mark.quick
+def test_a_detection_recipe_must_train_with_the_detectors_loss():
+    recipe = PARAMS.recipe(detection_method(PARAMS), {"loss": "bce_dice"})
+    with pytest.raises(ValueError, match="recipe.loss: a detection method trains with loss 'gfl'"):
+        DetectionTask(PARAMS, recipe).check()
+
+
+class FixedBoxes(BoxBackend):
+    """A detector that finds the same boxes (model-input pixels) in every image."""
+
+    def __init__(self, found: Detections) -> None:
+        self.found = found
+
+    def __call__(self, images: np.ndarray) -> list[Detections]:
+        return [self.found for _ in images]
+
+
+def test_an_answer_counts_the_boxes_from_the_threshold_and_reports_the_best_score_of_all():
+    found = Detections(torch.tensor([[8.0, 16, 32, 48], [40, 40, 60, 60]]), torch.tensor([0.9, 0.2]))
+    predictor = Predictor(FixedBoxes(found), 64, 0.5)
+    image = np.zeros((128, 96, 3), np.uint8)  # H 128, W 96: x by 1.5, y by 2 from the model's 64 px
+    row, overlay, mask = DetectionTask.answer(predictor, image, 0.5)
+    assert mask is None and overlay.shape == image.shape and overlay.any()
+    assert row["n_boxes"] == 1 and row["max_score"] == pytest.approx(0.9)
+    assert json.loads(row["boxes"]) == [[12.0, 32.0, 48.0, 96.0, 0.9]]  # in the image's pixels, with its score
+    none, overlay, _ = DetectionTask.answer(predictor, image, 0.95)
+    assert none["n_boxes"] == 0 and json.loads(none["boxes"]) == [] and not overlay.any()
+    assert none["max_score"] == pytest.approx(0.9)  # the best score of all detections, counted or not
+    assert set(row) == set(DetectionTask.answer_columns)
+
+
+@pytest.mark.parametrize(("threshold", "valid"), [(0.0, True), (0.3, True), (0.999, True), (1.0, False), (-0.1, False)])
+def test_a_detectors_threshold_is_a_score_in_0_to_1(threshold, valid):
+    if valid:
+        DetectionTask.check_threshold(threshold)
+    else:
+        with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\)"):
+            DetectionTask.check_threshold(threshold)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from conftest import make_pair, synthetic_params
-from polypflow.config import Params
-from stages.evaluate import DatasetScores, draw_cases
+from polypflow.settings.config import Params
+from polypflow.tasks.segmentation import SegmentationTask
+
+pytestmark = pytest.mark.quick
 
 
 def tinted_red(path) -> int:
@@ -31,9 +34,8 @@ def test_cases_rank_and_draw_at_the_method_threshold(tmp_path, synthetic_root):
         probs.append(np.where(np.asarray(mask) > 0, 0.3, 0.0).astype(np.float32))  # under-confident: 0.3 on the polyp
     # alpha/1: nothing at 0.5, perfect at the stored 0.25; alpha/2 the other way round
     per_image = pd.DataFrame({"key": ["alpha/1", "alpha/2"], "dice": [0.0, 0.8], "dice_at_method_threshold": [1.0, 0.5]})
-    scores = DatasetScores(per_image, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), np.stack(probs))
-
-    rows = draw_cases(scores, "alpha", pd.DataFrame(facts), params, 0.25, tmp_path / "cases")
+    task = SegmentationTask(params)
+    rows = task.draw_cases(per_image, np.stack(probs), "alpha", pd.DataFrame(facts), 0.25, tmp_path / "cases")
 
     assert [(r["kind"], r["key"], r["dice"]) for r in rows] == [("best", "alpha/1", 1.0), ("worst", "alpha/2", 0.5)]
     assert tinted_red(tmp_path / "cases" / "alpha_best1.png") > 100  # the 0.3 map drawn at 0.25, not at 0.5

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 from services import free_port, service, tail, wait_http
 
 pytestmark = pytest.mark.slow
@@ -34,14 +35,14 @@ def pg_user() -> str | None:
     try:
         return pwd.getpwnam("postgres").pw_name
     except KeyError:
-        pytest.skip("running as root and there is no 'postgres' user to run the PostgreSQL server as")
+        skip_or_fail("running as root and there is no 'postgres' user to run the PostgreSQL server as")
 
 
 @pytest.fixture
 def postgres(tmp_path):
     """A throwaway cluster on a free loopback port; yields its SQLAlchemy URI of database ``mlflow``."""
     if not PG_BIN or not (Path(PG_BIN[-1]) / "initdb").exists():
-        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin; apt-get install postgresql)")
+        skip_or_fail("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin; apt-get install postgresql)")
     bin_dir, user = Path(PG_BIN[-1]), pg_user()
     root = Path(tempfile.mkdtemp(prefix="polypflow-pg-"))  # pytest's tmp folders are closed to other users
     try:
@@ -94,7 +95,7 @@ def test_training_logs_and_registers_on_the_shared_server(project, mlflow_server
 
     mlflow.set_tracking_uri(mlflow_server)
     model = Path(mlflow.artifacts.download_artifacts("models:/unet@champion", dst_path=str(tmp_path / "download")))
-    assert (model / "MLmodel").exists() and (model / "artifacts" / "model.pt").exists()  # polypflow.serving
+    assert (model / "MLmodel").exists() and (model / "artifacts" / "model.pt").exists()  # polypflow.deploy.serving
     assert list((tmp_path / "artifacts").rglob("MLmodel"))  # proxied into --artifacts-destination
 
     import psycopg2  # the rows are in PostgreSQL, not in a file store

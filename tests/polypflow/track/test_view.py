@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs, urlsplit
 
-from polypflow import mlflow_view
+import pytest
+
+from polypflow.track import view as mlflow_view
 
 
+@pytest.mark.quick
 def test_the_view_lists_the_methods_rows_with_each_test_sets_figures():
     state = mlflow_view.view_state(["kvasir", "colondb"])
     assert state["searchFilter"] == "tags.`polypflow.stage` = 'register'"
@@ -18,6 +21,7 @@ def test_the_view_lists_the_methods_rows_with_each_test_sets_figures():
     assert "attributes.`Dataset`" in columns and "metrics.`ort_p50_ms`" in columns
 
 
+@pytest.mark.quick
 def test_the_link_opens_the_runs_table_in_model_training_mode_with_the_view():
     """MLflow 3.17's UI lands on its GenAI overview and drops the share key unless the link names the runs page and
     ``workflowType=machine_learning`` (seen in headless Chromium)."""
@@ -31,7 +35,7 @@ def test_sharing_is_idempotent_and_stores_the_view_on_the_experiment(tmp_path, m
     from mlflow import MlflowClient
 
     from conftest import REPO
-    from polypflow.config import load_params
+    from polypflow.settings.config import load_params
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)

@@ -1,9 +1,9 @@
 """The trainer: checkpoints every epoch, exact resume after a crash, foreign checkpoints, early stopping,
-threshold search, the trained-model round trip and prediction, on tiny in-memory sets and the tiny UNet."""
+threshold search and epoch selection, multi-scale and channels-last training, on tiny in-memory sets and the tiny
+UNet (checkpoint files: test_checkpoint; the threshold search itself: tasks/test_segmentation)."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +12,13 @@ import torch
 from torch import nn
 
 from models import build_model, method_entry
-from polypflow.config import Recipe, load_params
-from polypflow.data import ImageSet
-from polypflow.training import (
-    CHECKPOINT_FORMAT,
-    FitResult,
-    _rescale,
-    amp_enabled,
-    fit,
-    load_checkpoint,
-    load_trained,
-    predict_probs,
-    save_trained,
-    search_threshold,
-)
+from polypflow.data.images import ImageSet
+from polypflow.infer.predictor import Predictor, TorchBackend
+from polypflow.settings.config import Recipe, load_params
+from polypflow.tasks import segmentation
+from polypflow.tasks.segmentation import SegmentationTask, predict_probs
+from polypflow.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from polypflow.train.engine import FitResult, fit, rescale
 from tests.conftest import REPO, make_pair
 
 CPU = torch.device("cpu")
@@ -49,6 +42,11 @@ def recipe(**overrides) -> Recipe:
     return Recipe.model_validate({**defaults, "image_size": 64, "epochs": EPOCHS, "batch_size": 4, "lr": 3e-3,
                                   "augment": "basic", "early_stop_patience": 10, "max_train_items": None,
                                   **overrides})
+
+
+def task(r: Recipe) -> SegmentationTask:
+    """The segmentation task of recipe ``r``, for training only (no settings needed)."""
+    return SegmentationTask(None, r)
 
 
 def tiny_unet(seed: int = 0) -> nn.Module:
@@ -76,7 +74,7 @@ def straight(tmp_path_factory) -> tuple[nn.Module, FitResult, dict, list[dict]]:
                      "leftovers": leftovers(ckpt.parent), "metrics": metrics})
 
     model = tiny_unet()
-    result = fit(model, recipe(), TRAIN, VAL, CPU, ckpt, SEED, on_epoch=on_epoch,
+    result = fit(model, recipe(), TRAIN, VAL, CPU, ckpt, SEED, task(recipe()), on_epoch=on_epoch,
                  checkpoint_extra={"fingerprint": "abc"})
     return model, result, load_checkpoint(ckpt), seen
 
@@ -92,7 +90,7 @@ def test_fit_lowers_train_loss_and_checkpoints_every_epoch(straight):
     assert all(s["leftovers"] == [] for s in seen)  # no temporary file survives a save
     assert final["format"] == CHECKPOINT_FORMAT and final["fingerprint"] == "abc"
     best = result.history[result.best_epoch - 1]["val_dice"]
-    assert result.best_val_dice == best == max(h["val_dice"] for h in result.history)
+    assert result.best_score == best == max(h["val_dice"] for h in result.history)
     for key, value in model.state_dict().items():  # the model ends holding the best epoch's weights
         assert torch.equal(value, final["best_model"][key]), key
 
@@ -111,7 +109,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", flaky_save)
     with pytest.raises(OSError, match="disk full"):
-        fit(tiny_unet(), recipe(augment="none"), image_set(range(100, 104)), VAL, CPU, ckpt, SEED)
+        fit(tiny_unet(), recipe(augment="none"), image_set(range(100, 104)), VAL, CPU, ckpt, SEED,
+            task(recipe(augment="none")))
     assert Path(calls[1]) != ckpt and Path(calls[1]).parent == tmp_path  # written beside, then renamed
     assert load_checkpoint(ckpt)["epoch"] == 0
     assert leftovers(tmp_path) == []
@@ -127,12 +126,12 @@ def test_resume_after_crash_equals_uninterrupted_run(straight, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        fit(tiny_unet(), recipe(), TRAIN, VAL, CPU, ckpt, SEED, on_epoch=crash_after_two)
+        fit(tiny_unet(), recipe(), TRAIN, VAL, CPU, ckpt, SEED, task(recipe()), on_epoch=crash_after_two)
     assert load_checkpoint(ckpt)["epoch"] == 1
 
     resumed_epochs: list[int] = []
     model_b = tiny_unet(seed=123)  # different initial weights: everything must come from the checkpoint
-    result_b = fit(model_b, recipe(), TRAIN, VAL, CPU, ckpt, SEED, resume=True,
+    result_b = fit(model_b, recipe(), TRAIN, VAL, CPU, ckpt, SEED, task(recipe()), resume=True,
                    on_epoch=lambda epoch, m: resumed_epochs.append(epoch))
     assert resumed_epochs == [3]
     final_b = load_checkpoint(ckpt)
@@ -141,7 +140,7 @@ def test_resume_after_crash_equals_uninterrupted_run(straight, tmp_path):
     for key, value in model_a.state_dict().items():  # best weights, which fit leaves in the model
         assert torch.allclose(value.float(), model_b.state_dict()[key].float(), rtol=0, atol=1e-6), key
     assert (result_b.best_epoch, result_b.epochs_run) == (result_a.best_epoch, result_a.epochs_run)
-    assert result_b.best_val_dice == pytest.approx(result_a.best_val_dice, abs=1e-9)
+    assert result_b.best_score == pytest.approx(result_a.best_score, abs=1e-9)
     assert len(result_b.history) == len(result_a.history) == EPOCHS
     for a, b in zip(result_a.history, result_b.history, strict=True):
         assert a.keys() == b.keys()
@@ -153,46 +152,22 @@ def test_resume_without_checkpoint_starts_fresh_and_no_resume_ignores_one(tmp_pa
     one = recipe(epochs=1, augment="none")
     small = image_set(range(100, 104))
     trained: list[int] = []
-    first = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, resume=True, on_epoch=lambda e, m: trained.append(e))
+    first = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, task(one), resume=True,
+                on_epoch=lambda e, m: trained.append(e))
     assert first.epochs_run == 1 and trained == [1]
-    again = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, resume=True, on_epoch=lambda e, m: trained.append(e))
+    again = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, task(one), resume=True,
+                on_epoch=lambda e, m: trained.append(e))
     assert trained == [1] and again.history == first.history  # already finished: nothing more is trained
-    fresh = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, resume=False, on_epoch=lambda e, m: trained.append(e))
+    fresh = fit(tiny_unet(), one, small, VAL, CPU, ckpt, SEED, task(one), resume=False,
+                on_epoch=lambda e, m: trained.append(e))
     assert trained == [1, 1] and len(fresh.history) == 1
-
-
-class Foreign:
-    """Any pickled object that is not a checkpoint of ours."""
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("kind", ["pickled_object", "torch_saved_object", "plain_state_dict",
-                                  "wrong_format_tag", "tensor", "random_bytes", "empty"])
-def test_foreign_checkpoint_is_refused_naming_the_file(tmp_path, kind):
-    path = tmp_path / f"{kind}.pt"
-    if kind == "pickled_object":
-        path.write_bytes(pickle.dumps(Foreign()))
-    elif kind == "torch_saved_object":
-        torch.save({"format": CHECKPOINT_FORMAT, "payload": Foreign()}, path)
-    elif kind == "plain_state_dict":
-        torch.save(nn.Linear(2, 2).state_dict(), path)
-    elif kind == "wrong_format_tag":
-        torch.save({"format": "someone-else-v1", "model": {}}, path)
-    elif kind == "tensor":
-        torch.save(torch.zeros(3), path)
-    elif kind == "random_bytes":
-        path.write_bytes(np.random.default_rng(0).bytes(4096))
-    else:
-        path.write_bytes(b"")
-    with pytest.raises(ValueError, match=str(path)):
-        load_checkpoint(path)
 
 
 def test_resume_from_foreign_checkpoint_raises(tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     torch.save(tiny_unet().state_dict(), ckpt)
     with pytest.raises(ValueError, match="not a polypflow checkpoint"):
-        fit(tiny_unet(), recipe(epochs=1), TRAIN, VAL, CPU, ckpt, SEED, resume=True)
+        fit(tiny_unet(), recipe(epochs=1), TRAIN, VAL, CPU, ckpt, SEED, task(recipe(epochs=1)), resume=True)
 
 
 def frozen_unet() -> nn.Module:
@@ -210,32 +185,20 @@ def test_early_stopping_after_patience_epochs_without_improvement(tmp_path, epoc
     model = frozen_unet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     frozen = recipe(augment="none", epochs=epochs, early_stop_patience=patience).model_copy(update={"lr": 0.0})
-    result = fit(model, frozen, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
+    result = fit(model, frozen, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED, task(frozen))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "num_batches" not in k)
     assert len({h["val_dice"] for h in result.history}) == 1
     assert result.epochs_run == len(result.history) == expected_run
     assert result.best_epoch == 1 and result.stopped_early is stopped
     if stopped:  # resuming a run that has stopped early trains nothing more
         again = fit(frozen_unet(), frozen, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED,
-                    resume=True)
+                    task(frozen), resume=True)
         assert again.epochs_run == expected_run and again.stopped_early
-
-
-def test_search_threshold_picks_the_separating_threshold():
-    masks = np.zeros((3, 16, 16), np.uint8)
-    masks[:, 4:12, 4:12] = 1
-    probs = np.where(masks > 0, 0.62, 0.58).astype(np.float32)
-    assert search_threshold(probs, masks) == pytest.approx(0.6)  # only 0.60 separates polyp from background
-    probs = np.where(masks > 0, 0.27, 0.12).astype(np.float32)
-    assert search_threshold(probs, masks) in (pytest.approx(0.15), pytest.approx(0.2), pytest.approx(0.25))
-    low = np.where(masks > 0, 0.9, 0.3).astype(np.float32)
-    best = search_threshold(low, masks)
-    assert 0.3 < best <= 0.9
 
 
 def test_threshold_search_in_fit_is_reported(tmp_path):
     one = recipe(epochs=1, augment="none", threshold_search=True)
-    result = fit(tiny_unet(), one, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
+    result = fit(tiny_unet(), one, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED, task(one))
     assert 0.05 <= result.threshold <= 0.95
     assert result.threshold == round(result.threshold, 2)
 
@@ -243,56 +206,43 @@ def test_threshold_search_in_fit_is_reported(tmp_path):
 def test_searched_threshold_recipes_select_epochs_on_the_tuned_dice(tmp_path, monkeypatch):
     """Epoch 1 is right at 0.5 on half the pixels, epoch 2 under-confident (all polyp pixels at 0.3, Dice@0.5 = 0,
     Dice@0.3 = 1): with a searched threshold the model is used at its threshold, so epoch 2 must win."""
-    from polypflow import training
-
     masks = VAL.masks.astype(np.float32)
     half = masks.copy()
     half[:, :, : masks.shape[2] // 2] = 0
     scripted = iter([half * 0.9, masks * 0.3, TRAIN.masks * 0.3])  # epoch 1, epoch 2, the threshold search on train
-    monkeypatch.setattr(training, "predict_probs", lambda *args, **kwargs: next(scripted))
-    result = fit(tiny_unet(), recipe(epochs=2, threshold_search=True), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED)
+    monkeypatch.setattr(segmentation, "predict_probs", lambda *args, **kwargs: next(scripted))
+    searched = recipe(epochs=2, threshold_search=True)
+    result = fit(tiny_unet(), searched, TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(searched))
     first, second = result.history
     assert second["val_dice"] == 0.0 and second["val_dice_tuned"] == pytest.approx(1.0)
     assert 0 < first["val_dice"] < 1 and first["val_dice_tuned"] == pytest.approx(first["val_dice"])
-    assert result.best_epoch == 2 and result.best_val_dice == 0.0  # selected on the tuned Dice, reported at 0.5
+    assert result.best_epoch == 2 and result.best_score == 0.0  # selected on the tuned Dice, reported at 0.5
     assert result.threshold <= 0.3  # the train search: only thresholds up to 0.3 see the polyp
 
 
 def test_fixed_threshold_recipes_select_epochs_on_the_dice_at_05(tmp_path):
-    result = fit(tiny_unet(), recipe(epochs=2), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED)
+    result = fit(tiny_unet(), recipe(epochs=2), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(recipe(epochs=2)))
     assert "val_dice_tuned" not in result.history[0]
-    assert result.best_val_dice == max(h["val_dice"] for h in result.history)
+    assert result.best_score == max(h["val_dice"] for h in result.history)
 
 
-def test_save_and_load_trained_round_trip(tmp_path):
-    model = tiny_unet(seed=3).eval()
-    kwargs = dict(method_entry("unet").test_kwargs)
-    save_trained(tmp_path / "model.pt", model, arch="unet", model_kwargs=kwargs, threshold=0.35, image_size=64)
-    loaded, meta = load_trained(tmp_path / "model.pt")
-    assert meta["threshold"] == 0.35 and meta["image_size"] == 64 and "state_dict" not in meta
-    assert not loaded.training
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(x)[0], loaded(x)[0])
-    probs = predict_probs(loaded, VAL.images, "imagenet", CPU)
-    np.testing.assert_array_equal(probs, predict_probs(model, VAL.images, "imagenet", CPU))
-
-
+@pytest.mark.quick
 def test_predict_probs_shape_range_and_batching():
     model = tiny_unet()
-    probs = predict_probs(model, VAL.images, "imagenet", CPU, batch_size=3)
+    probs = predict_probs(model, VAL.images, "imagenet", CPU)
     assert probs.shape == (4, 64, 64) and probs.dtype == np.float32
     assert probs.min() >= 0 and probs.max() <= 1
-    np.testing.assert_allclose(probs, predict_probs(model, VAL.images, "imagenet", CPU, batch_size=16),
-                               rtol=0, atol=1e-5)
+    in_threes = Predictor(TorchBackend(model, "imagenet", CPU), 64, 0.5, batch_size=3).predict_resized(VAL.images)
+    np.testing.assert_allclose(in_threes, probs, rtol=0, atol=1e-5)
     assert predict_probs(model, VAL.images[:0], "imagenet", CPU).shape == (0, 64, 64)
 
 
 @pytest.mark.parametrize(("scale", "size"), [(1.0, 64), (0.5, 32), (0.75, 64), (1.5, 96), (2.0, 128)])
+@pytest.mark.quick
 def test_multiscale_rescale_keeps_masks_binary(scale, size):
     x = torch.rand(2, 3, 64, 64)
     y = torch.from_numpy(TRAIN.masks[:2]).float()[:, None]
-    xs, ys = _rescale(x, y, scale)
+    xs, ys = rescale(x, y, scale, task(recipe()))
     assert xs.shape == (2, 3, size, size) and ys.shape == (2, 1, size, size)
     assert set(torch.unique(ys).tolist()) <= {0.0, 1.0}
     for before, after in zip(y, ys, strict=True):  # the polyp keeps its share of the frame (no halo)
@@ -303,21 +253,13 @@ def test_multiscale_rescale_keeps_masks_binary(scale, size):
 
 def test_fit_with_multiscale_training(tmp_path):
     ms = recipe(epochs=1, augment="none", multiscale=[0.5, 1.5])
-    result = fit(tiny_unet(), ms, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED)
+    result = fit(tiny_unet(), ms, image_set(range(100, 104)), VAL, CPU, tmp_path / "c.pt", SEED, task(ms))
     assert np.isfinite(result.history[0]["train_loss"])
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
-def test_cpu_amp_only_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert amp_enabled(recipe(amp=True), CPU) is expected
-    assert amp_enabled(recipe(amp=False), CPU) is False
-    assert amp_enabled(recipe(amp=True), torch.device("cuda")) is True
 
 
 def test_channels_last_training_keeps_the_model_channels_last(tmp_path):
     model = tiny_unet()
-    fit(model, recipe(epochs=1, channels_last=True), TRAIN, VAL, CPU, tmp_path / "c.pt", SEED)
+    one = recipe(epochs=1, channels_last=True)
+    fit(model, one, TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(one))
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polypflow.losses import MAP_LOSSES, build_loss, cris_active_loss, structure
+from polypflow.train.losses import MAP_LOSSES, build_loss, cris_active_loss, structure
+
+pytestmark = pytest.mark.quick
 
 
 def square_mask(size: int = 32, batch: int = 2) -> torch.Tensor:
@@ -131,7 +133,7 @@ def test_cris_interleaved_uses_mse_on_even_epochs_and_bce_on_odd():
 @pytest.mark.parametrize("size", [(32, 32), (64, 48), (352, 352)])
 def test_boundary_weight_is_the_square_box_mean(size):
     """The separable box filter equals PraNet's k x k avg_pool2d (zero padding counted) to float precision."""
-    from polypflow.losses import boundary_weight
+    from polypflow.train.losses import boundary_weight
 
     mask = (torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0)) > 0.7).float()
     kernel = max(3, (min(size) * 31 // 352) | 1)

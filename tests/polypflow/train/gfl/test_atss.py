@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from models.anchors import anchor_grid, boxes_to_distances, distances_to_boxes, expected_distances
-from polypflow.detection.atss import atss_assign
+from polypflow.train.gfl.atss import atss_assign
+
+pytestmark = pytest.mark.quick
 
 
 def centres_of(boxes: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from models.anchors import AnchorGrid
-from polypflow.detection.atss import Assignment
-from polypflow.detection.losses import distribution_focal_loss, gfl_loss, quality_focal_loss
+from polypflow.train.gfl.atss import Assignment
+from polypflow.train.gfl.losses import distribution_focal_loss, gfl_loss, quality_focal_loss
+
+pytestmark = pytest.mark.quick
 
 LN2, LN5 = math.log(2), math.log(5)
 

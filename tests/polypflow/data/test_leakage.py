@@ -1,4 +1,5 @@
-"""Perceptual hashes: a re-encoded, rescaled copy is a near duplicate; different frames are not."""
+"""Leakage: sequence mates and exact duplicates share a group, a leaky split is refused, and by perceptual hashes a
+re-encoded, rescaled copy is a near duplicate while different frames are not."""
 
 from __future__ import annotations
 
@@ -6,10 +7,43 @@ import io
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image, ImageFilter
 
 from conftest import make_pair
-from polypflow.leakage import check, dhash, hamming, phash
+from polypflow.data.leakage import check, check_no_leakage, dhash, hamming, leakage_groups, phash
+
+pytestmark = pytest.mark.quick
+
+
+def leaky_frame(**changes: str) -> pd.DataFrame:
+    df = pd.DataFrame({"leak_group": ["a", "a", "b", "c"], "image_sha256": ["h1", "h2", "h3", "h4"],
+                       "set": ["train", "train", "val", "test"]})
+    for column, value in changes.items():
+        df.loc[3, column] = value
+    return df
+
+
+def test_check_no_leakage_raises_on_a_leaky_frame():
+    check_no_leakage(leaky_frame())  # clean: no error
+    with pytest.raises(ValueError, match=r"leak_group.*\['a'\]"):
+        check_no_leakage(leaky_frame(leak_group="a"))  # a group member in test, the rest in train
+    with pytest.raises(ValueError, match=r"image_sha256.*\['h3'\]"):
+        check_no_leakage(leaky_frame(image_sha256="h3"))  # the same image in val and in test
+
+
+def test_leakage_groups_join_sequence_mates_and_copies_whatever_the_row_order():
+    facts = pd.DataFrame({"group": ["a/seq1", "a/seq1", "a/3", "b/seq2", "b/7"],
+                          "image_sha256": ["h1", "h2", "h3", "h3", "h4"]})  # a/3 and b/seq2 hold one image
+    assert leakage_groups(facts).tolist() == ["a/seq1", "a/seq1", "a/3", "a/3", "b/7"]
+    shuffled = facts.sample(frac=1, random_state=0)
+    assert leakage_groups(shuffled).to_dict() == leakage_groups(facts).to_dict()
+
+
+def test_copies_chain_groups_together():
+    """A copy of a copy: three groups joined through two shared images, named by the smallest label."""
+    facts = pd.DataFrame({"group": ["c/1", "b/seq1", "b/seq1", "a/9"], "image_sha256": ["x", "x", "y", "y"]})
+    assert set(leakage_groups(facts)) == {"a/9"}
 
 
 def frame(seed: int) -> Image.Image:

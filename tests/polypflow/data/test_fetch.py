@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from http_server import FileServer
 
-from polypflow.fetch import SourceError, download, extract
+from polypflow.data.fetch import SourceError, download, extract
+
+pytestmark = pytest.mark.quick
 
 PAYLOAD = os.urandom(300_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
