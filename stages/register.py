@@ -89,7 +89,7 @@ def run(params: Params, method: str) -> dict:
             registered = registry.register(
                 model_uri, method, version_tags(files, figures, runs["export"], task.metric), figures[task.metric], val_scores,
                 f"runs:/{runs['train']}/{tracking.VAL_SCORES_ARTIFACT}", run.info.run_id, params.tracking.promotion,
-                params.seed, task.registry_name(params.tracking), task.metric)
+                params.seed, params.tracking.global_models[task.name], task.metric)
     mlflow_view.share(params, [d for d, keys in splits["test"].items() if keys])  # the UI's view of these rows
     record = {"run_id": run.info.run_id, "model_uri": model_uri, **registered}
     write_json(files.registered, record)

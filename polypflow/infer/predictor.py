@@ -205,3 +205,11 @@ class Predictor:
         """What counts as polyp in ``output``: the mask of a map, the boxes scoring enough (default: the predictor's
         threshold)."""
         return self.backend.keep(output, self.threshold if threshold is None else threshold)
+
+
+def trained_predictor(backend: Backend, meta: dict, threshold: float | None = None, batch_size: int = 16,
+                      source: str = "") -> Predictor:
+    """The predictor of a trained model's ``backend`` and its metadata (``image_size``, ``threshold``);
+    ``threshold`` overrides the stored one."""
+    chosen = meta["threshold"] if threshold is None else threshold
+    return Predictor(backend, int(meta["image_size"]), float(chosen), batch_size, source)

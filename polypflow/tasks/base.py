@@ -21,7 +21,7 @@ from torch import nn
 from polypflow.data.images import ImageSet
 from polypflow.evaluate.runner import Scorer, Source
 from polypflow.infer.predictor import Predictor
-from polypflow.settings.config import Params, Recipe, Tracking
+from polypflow.settings.config import Params, Recipe
 from polypflow.train.engine import TrainingTask
 
 
@@ -68,10 +68,7 @@ class Task(TrainingTask, Protocol):
     def explain(self, model: nn.Module, meta: dict, facts: pd.DataFrame, keys: Sequence[str], out: Path) -> list[Path]:
         """Explanations of the first test images (a segmenter's Grad-CAM panels) in ``out``; returns their files."""
 
-    # export and registry
+    # export
     @classmethod
     def export(cls, model: nn.Module, meta: dict, path: Path, opset: int) -> tuple[float, dict[str, Any]]:
         """Write the ONNX graph to ``path``; its largest difference from PyTorch and what the parity report says."""
-    @classmethod
-    def registry_name(cls, tracking: Tracking) -> str:
-        """The cross-method registered model a version of this task also goes to (``polyp-segmenter``, ...)."""

@@ -36,7 +36,7 @@ from polypflow.evaluate.box_metrics import (coco_metrics, per_image_scores, pick
 from polypflow.evaluate.runner import Scorer, Source, TestSetScores, json_number, mask_shapes, rows_of, sweep_thresholds
 from polypflow.infer.device import CPU
 from polypflow.infer.onnx import DeployGraph, anchor_boxes, detector_parity, export_onnx
-from polypflow.infer.predictor import BoxBackend, Decoding, Predictor
+from polypflow.infer.predictor import BoxBackend, Decoding, Predictor, trained_predictor
 from polypflow.io import write_png
 from polypflow.settings.config import Params, Recipe
 from polypflow.train.gfl.losses import detection_loss_terms
@@ -123,8 +123,7 @@ class DetectionTask:
                   batch_size: int = 16, source: str = "") -> Predictor:
         device = device or CPU
         backend = BoxBackend(model.to(device), (meta["mean"], meta["std"]), Decoding(**meta["decode"]), device)
-        chosen = meta["threshold"] if threshold is None else threshold
-        return Predictor(backend, int(meta["image_size"]), float(chosen), batch_size, source)
+        return trained_predictor(backend, meta, threshold, batch_size, source)
 
     @classmethod
     def check_threshold(cls, threshold: float) -> None:
@@ -209,7 +208,3 @@ class DetectionTask:
         extra = {"output": "boxes N x A x 4 (x1 y1 x2 y2, pixels) and scores N x A before NMS; NMS after the graph "
                            "(models.gfl_atss.postprocess)", "decode": meta["decode"], "detections": check}
         return max(check["boxes_max_abs"], check["scores_max_abs"]), extra
-
-    @classmethod
-    def registry_name(cls, tracking) -> str:
-        return tracking.global_models[cls.name]

@@ -29,7 +29,7 @@ from polypflow.evaluate.runner import (Scorer, Source, TestSetScores, json_numbe
 from polypflow.evaluate.seg_metrics import LEVELS, MODEL_DICE, TOOLBOX_CURVES, dice_batch, score_image, summarize
 from polypflow.infer.device import CPU
 from polypflow.infer.onnx import DeployGraph, export_onnx, parity, probability
-from polypflow.infer.predictor import Predictor, TorchBackend, to_resolution
+from polypflow.infer.predictor import Predictor, TorchBackend, to_resolution, trained_predictor
 from polypflow.io import write_png
 from polypflow.settings.config import Params, Recipe
 from polypflow.train.losses import build_loss
@@ -128,8 +128,7 @@ class SegmentationTask:
                   batch_size: int = 16, source: str = "") -> Predictor:
         device = device or CPU
         backend = TorchBackend(model.to(device), (meta["mean"], meta["std"]), device)
-        chosen = meta["threshold"] if threshold is None else threshold
-        return Predictor(backend, int(meta["image_size"]), float(chosen), batch_size, source)
+        return trained_predictor(backend, meta, threshold, batch_size, source)
 
     @classmethod
     def check_threshold(cls, threshold: float) -> None:
@@ -242,7 +241,3 @@ class SegmentationTask:
         graph = DeployGraph(model, probability, meta["mean"], meta["std"])
         export_onnx(graph, path, meta["image_size"], opset, cls.onnx_outputs)
         return parity(graph, path, meta["image_size"]), {"output": "N x 1 x S x S polyp probability"}
-
-    @classmethod
-    def registry_name(cls, tracking) -> str:
-        return tracking.global_models[cls.name]
