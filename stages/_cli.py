@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -77,9 +78,18 @@ def main(body: Callable[[], object]) -> None:
     except Exception as exc:
         if not type(exc).__module__.startswith(("mlflow", "sqlalchemy")):
             raise
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        log.error("MLflow store (%s): %s", os.environ.get("MLFLOW_TRACKING_URI", "tracking.uri of infra.yaml"), reason)
+        log.error("MLflow store (%s): %s", os.environ.get("MLFLOW_TRACKING_URI", "tracking.uri of infra.yaml"),
+                  store_failure(exc))
         sys.exit(1)
+
+
+def store_failure(exc: Exception) -> str:
+    """Why the MLflow store failed, in one line: an unreachable server's socket error (``[Errno 111] Connection
+    refused``, buried at the end of urllib3's retry message) first, then the message's first line."""
+    text = str(exc)
+    socket_error = re.search(r"\[Errno -?\d+\][^\"')]*", text)
+    first_line = text.splitlines()[0][:300] if text else type(exc).__name__
+    return f"unreachable ({socket_error.group(0).strip()}): {first_line}" if socket_error else first_line
 
 
 def method_main(doc: str | None, run: Callable[[Params, str], object]) -> None:
