@@ -1,10 +1,13 @@
 """Deploy the pipeline flow to a Prefect work pool, on the cron schedule of ``schedule`` in params.yaml.
 
 ``python -m flows.deploy`` creates (or updates) the ``process`` work pool ``schedule.work_pool`` and a
-deployment ``schedule.deployment`` of ``flows/pipeline.py:polypflow_pipeline`` whose code is this project
-directory (no remote storage: the worker host reads the same checkout). Each flow run gets the
-environment ``schedule.job_env`` (e.g. ``CUDA_VISIBLE_DEVICES``) and runs in the project directory. Then,
-on the GPU host, with the venv activated and ``PREFECT_API_URL`` pointing at the server::
+deployment ``schedule.deployment`` of ``flows/pipeline.py:polypflow_pipeline``. Its code is either this project
+directory (the one-machine default: the worker host reads the same checkout), or, with ``--from-git``, the
+current branch of a git remote (``team.git_remote``): each flow run clones it on the worker's host, which shares
+nothing else with this one but DVC's remote and the tracking server (``team.dvc_sync`` then pulls the data the
+stages to run need and pushes every result). Each flow run gets the environment ``schedule.job_env`` (e.g.
+``CUDA_VISIBLE_DEVICES``). Then, on the GPU host, with the venv activated and ``PREFECT_API_URL`` pointing at the
+server::
 
     prefect worker start --pool gpu-pool
 """
@@ -19,9 +22,11 @@ from uuid import UUID
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.runner.storage import GitRepository
 from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
+from flows.sync import git, published_commit
 from polypflow.settings.config import Schedule, load_params
 
 ENTRYPOINT = "flows/pipeline.py:polypflow_pipeline"
@@ -38,24 +43,38 @@ def ensure_work_pool(schedule: Schedule) -> str:
     return schedule.work_pool
 
 
-def job_variables(schedule: Schedule, project: Path) -> dict[str, Any]:
-    """Process-worker job variables: flow runs start in ``project`` with ``schedule.job_env`` set."""
-    return {"env": dict(schedule.job_env), "working_dir": str(project)}
+def job_variables(schedule: Schedule, project: Path | None) -> dict[str, Any]:
+    """Process-worker job variables: ``schedule.job_env``; flow runs start in ``project`` unless it is None (a git
+    source: the flow run's own clone)."""
+    return {"env": dict(schedule.job_env)} | ({"working_dir": str(project)} if project else {})
+
+
+def git_source(project: Path, git_remote: str) -> GitRepository:
+    """The current branch of ``git_remote``, which must hold this checkout's commit (a worker clones that)."""
+    url, commit = published_commit(project, git_remote)
+    branch = git(project, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch == "HEAD":
+        raise ValueError(f"{project}: a detached HEAD ({commit[:12]}); check out the branch the deployment follows")
+    return GitRepository(url=url, branch=branch)
 
 
 def deploy(project_dir: Path | str = ".", params_file: str = "params.yaml", parameters: dict | None = None,
-           paused: bool = False) -> UUID:
-    """Create the work pool and the cron deployment of the pipeline flow from ``project_dir``; return its id."""
+           paused: bool = False, from_git: bool = False) -> UUID:
+    """Create the work pool and the cron deployment of the pipeline flow from ``project_dir`` (or, ``from_git``,
+    from its branch on ``team.git_remote``); return its id."""
     project = Path(project_dir).resolve()
-    schedule = load_params(project / params_file).schedule
+    params = load_params(project / params_file)
+    schedule = params.schedule
     ensure_work_pool(schedule)
-    pipeline = flow.from_source(source=str(project), entrypoint=ENTRYPOINT)
+    source = git_source(project, params.team.git_remote) if from_git else str(project)
+    pipeline = flow.from_source(source=source, entrypoint=ENTRYPOINT)
     return pipeline.deploy(
         name=schedule.deployment,
         work_pool_name=schedule.work_pool,
         schedule=Cron(schedule.cron, timezone=schedule.timezone),
-        parameters={"project_dir": str(project), "params_file": params_file, **(parameters or {})},
-        job_variables=job_variables(schedule, project),
+        parameters={"project_dir": "." if from_git else str(project), "params_file": params_file,
+                    **(parameters or {})},
+        job_variables=job_variables(schedule, None if from_git else project),
         paused=paused,
         tags=["polypflow"],
         build=False,
@@ -69,8 +88,10 @@ def main() -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--project-dir", default=".")
     p.add_argument("--paused", action="store_true", help="create the deployment with its schedule paused")
+    p.add_argument("--from-git", action="store_true",
+                   help="code from the current branch of team.git_remote (pushed), cloned by each flow run")
     args = p.parse_args()
-    deployment_id = deploy(args.project_dir, args.params, paused=args.paused)
+    deployment_id = deploy(args.project_dir, args.params, paused=args.paused, from_git=args.from_git)
     schedule = load_params(Path(args.project_dir) / args.params).schedule
     print(f"deployment polypflow-pipeline/{schedule.deployment} ({deployment_id}) on work pool "
           f"{schedule.work_pool!r}, cron {schedule.cron!r} {schedule.timezone}\n"

@@ -8,10 +8,16 @@ outputs, and DVC records it in dvc.lock. Only the flow runs DVC, so nothing cont
 
 GPU concurrency: every fit holds one unit of the Dask worker resource ``GPU``. The local cluster has one
 worker per entry of ``fanout.devices``, each with ``GPU=1`` and ``CUDA_VISIBLE_DEVICES`` set to its entry,
-so at most one fit runs per GPU. An existing cluster (``fanout.address``) needs workers started alike, each
-in a checkout of this project on a shared file system, with the project's environment::
+so at most one fit runs per GPU. An existing cluster (``fanout.address``) needs workers started alike, with
+the project's environment::
 
     CUDA_VISIBLE_DEVICES=0 dask worker tcp://<scheduler>:8786 --nthreads 1 --resources GPU=1
+
+Its workers either share the project's checkout on a file system (the fits above), or, with ``team.dvc_sync``,
+share nothing but the git remote, DVC's remote and the tracking server: a fit is then the whole DVC stage
+(``train@M``, ``crossval``), reproduced in a clone of the flow's pushed commit in the worker's temporary folder
+(pulling only the data it needs) and pushed with its run-cache entry; the flow's own ``dvc repro --pull``
+restores it from that entry instead of refitting, and records it in the flow host's dvc.lock.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
+from flows import sync
 from polypflow.settings.config import Fanout, Params
 
 GPU = "GPU"  # the Dask worker resource a fit holds
@@ -62,6 +70,16 @@ def fit_jobs(params: Params, methods: list[str], folds: bool) -> dict[str, list[
     return jobs
 
 
+def remote_fanout(params: Params) -> bool:
+    """Fits go to an existing cluster whose workers share no file system, only the team's remotes."""
+    return bool(params.fanout.address and params.team.dvc_sync)
+
+
+def stage_jobs(methods: list[str], crossval: bool) -> dict[str, list[str]]:
+    """Each remote fit's name and the DVC stages it reproduces: a method's training, the whole CV."""
+    return {f"train@{m}": [f"train@{m}"] for m in methods} | ({"crossval": ["crossval"]} if crossval else {})
+
+
 @task(name="fit", task_run_name="fit {name}")
 def fit(project_dir: str, params_file: str, name: str, args: list[str]) -> dict:
     """Run one stage's fit in ``project_dir`` on this Dask worker's device; raise (and so retry) on failure."""
@@ -77,13 +95,39 @@ def fit(project_dir: str, params_file: str, name: str, args: list[str]) -> dict:
             "started": started, "finished": finished}
 
 
+@task(name="fit-in-clone", task_run_name="fit {name} in a clone")
+def fit_in_clone(url: str, commit: str, name: str, targets: list[str]) -> dict:
+    """Reproduce ``targets`` in a fresh clone of ``commit`` on this worker, pulling what they need from DVC's
+    default remote, then push their outputs and run-cache entries; the clone is removed afterwards."""
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="polypflow-fit-") as work:
+        checkout = sync.clone(url, commit, Path(work) / "checkout")
+        proc = sync.dvc(checkout, "repro", "--pull", "--allow-missing", *targets)
+        tail = "\n".join(proc.stdout.splitlines()[-30:])
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} (dvc repro {' '.join(targets)} at {commit[:12]}) failed with exit code "
+                               f"{proc.returncode}:\n{tail}")
+        pushed = sync.push(checkout, targets)
+    finished = time.time()
+    get_run_logger().info("%s: %.0f s on worker %s at %s; %s\n%s", name, finished - started, get_worker().name,
+                          commit[:12], pushed, tail)
+    return {"name": name, "worker": str(get_worker().name), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "commit": commit, "pushed": pushed, "started": started, "finished": finished}
+
+
 @flow(name="polypflow-fanout")
 def fan_out(project_dir: str, params_file: str, jobs: dict[str, list[str]], retries: int = 0,
-            retry_delay_s: int = 0) -> list[dict]:
-    """Submit every fit at once, each holding one ``GPU`` slot; wait for all, then fail naming the failed."""
-    fitter = fit.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+            retry_delay_s: int = 0, source: tuple[str, str] | None = None) -> list[dict]:
+    """Submit every fit at once, each holding one ``GPU`` slot; wait for all, then fail naming the failed. With
+    ``source`` (git URL, commit) each job is DVC stages reproduced in a worker's own clone (:func:`fit_in_clone`)."""
+    options = {"retries": retries, "retry_delay_seconds": retry_delay_s}
     with dask.annotate(resources={GPU: 1}):
-        futures = {name: fitter.submit(project_dir, params_file, name, args) for name, args in jobs.items()}
+        if source:
+            fitter = fit_in_clone.with_options(**options)
+            futures = {name: fitter.submit(*source, name, targets) for name, targets in jobs.items()}
+        else:
+            fitter = fit.with_options(**options)
+            futures = {name: fitter.submit(project_dir, params_file, name, args) for name, args in jobs.items()}
     wait(list(futures.values()))
     failed = [name for name, future in futures.items() if not future.state.is_completed()]  # failed or crashed
     if failed:
@@ -91,8 +135,9 @@ def fan_out(project_dir: str, params_file: str, jobs: dict[str, list[str]], retr
     return [future.result() for future in futures.values()]
 
 
-def run_fan_out(project_dir: Path | str, params_file: str, params: Params, jobs: dict[str, list[str]]) -> list[dict]:
+def run_fan_out(project_dir: Path | str, params_file: str, params: Params, jobs: dict[str, list[str]],
+                source: tuple[str, str] | None = None) -> list[dict]:
     """:func:`fan_out` on the task runner of ``params.fanout``, with the retries of ``params.schedule``."""
     runner = task_runner(params.fanout)
-    return fan_out.with_options(task_runner=runner)(str(project_dir), params_file, jobs,
-                                                     params.schedule.retries, params.schedule.retry_delay_s)
+    return fan_out.with_options(task_runner=runner)(str(project_dir), params_file, jobs, params.schedule.retries,
+                                                     params.schedule.retry_delay_s, source)

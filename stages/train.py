@@ -1,7 +1,7 @@
 """Stage 4, train@<method>: train one configured method on the split's train set, select on val.
 
 Writes ``artifacts/models/<method>/`` (model.pt, metrics.json, history.csv, val_per_image.csv, run.json) and
-keeps a resumable per-epoch checkpoint in ``artifacts/checkpoints/<method>/`` (a persistent DVC output). Its
+keeps a resumable per-epoch checkpoint in ``artifacts/checkpoints/<method>/`` (scratch, not a DVC output). Its
 MLflow run logs params, the datasets it trained and validated on, per-epoch metrics and the served model; the
 model is registered later, by ``register@<method>``, once it has been evaluated, exported and profiled.
 """

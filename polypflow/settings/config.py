@@ -261,6 +261,13 @@ class Fanout(Strict):
     threads_per_worker: int | None = Field(None, ge=1)  # torch/OpenMP threads per local worker; None: cores / workers
 
 
+class Team(Strict):
+    """Machines that share only a DVC remote, a git remote and the MLflow tracking server (README, Team setup)."""
+
+    dvc_sync: bool = False              # flows pull from DVC's default remote and push to it; False: one machine
+    git_remote: str = "origin"          # the git remote a worker clones the flow's commit from (remote fan-out)
+
+
 class Params(Strict):
     profile_name: str = "default"       # which profiles/<name>.yaml overlay the workspace holds (polypflow.settings.profiles)
     seed: int
@@ -281,6 +288,7 @@ class Params(Strict):
     detection: Detection
     schedule: Schedule
     fanout: Fanout = Fanout()
+    team: Team = Team()
     report: Report = Report()
 
     @model_validator(mode="after")
@@ -334,7 +342,7 @@ class ParamsError(ValueError):
 SETTINGS_FILES: dict[str, tuple[str, ...]] = {
     "methods.yaml": ("methods", "external"),
     "datasets.yaml": ("ingest",),
-    "infra.yaml": ("tracking", "schedule", "fanout"),
+    "infra.yaml": ("tracking", "schedule", "fanout", "team"),
 }
 
 

@@ -43,15 +43,21 @@ def attempts(state) -> int:
         return client.read_task_run(state.state_details.task_run_id).run_count
 
 
-def test_a_refused_setting_is_not_retried(project, prefect_api):
+def test_a_refused_setting_is_not_retried_and_costs_no_finished_output(project, prefect_api):
+    """Issue 22: an input only the stage can judge fails after DVC removed the stage's outputs; the flow puts the
+    last ones back from the cache."""
+    assert dvc_repro(str(project), ["split"])
+    splits = (project / "data" / "splits.json").read_bytes()
     params = read_params(project)
     params["split"]["scheme"] = "pranet"  # its test lists are not in split.test_lists: a ValueError naming the file
     write_params(project, params)
     state = dvc_repro.with_options(retries=2, retry_delay_seconds=0)(str(project), ["split"], return_state=True)
     assert state.is_failed()
-    with pytest.raises(PermanentFailure, match="alpha_test.txt.*retrying will not help"):
+    with pytest.raises(PermanentFailure, match=r"\(the last outputs put back: dvc checkout\)(.|\n)*alpha_test.txt.*"
+                                               "retrying will not help"):
         state.result()
     assert attempts(state) == 1
+    assert (project / "data" / "splits.json").read_bytes() == splits
 
 
 def test_unknown_method_is_rejected(project, prefect_api):

@@ -8,61 +8,19 @@ uses ``s3://...``). Skipped with the reason when the PostgreSQL server binaries 
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import skip_or_fail
-from services import free_port, service, tail, wait_http
+from services import free_port, postgres_cluster, service, wait_http
 
 pytestmark = pytest.mark.slow
 
-PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-
-
-def pg_user() -> str | None:
-    """Run PostgreSQL as ``postgres`` when we are root (it refuses root); as ourselves otherwise."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam("postgres").pw_name
-    except KeyError:
-        skip_or_fail("running as root and there is no 'postgres' user to run the PostgreSQL server as")
-
-
 @pytest.fixture
 def postgres(tmp_path):
-    """A throwaway cluster on a free loopback port; yields its SQLAlchemy URI of database ``mlflow``."""
-    if not PG_BIN or not (Path(PG_BIN[-1]) / "initdb").exists():
-        skip_or_fail("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin; apt-get install postgresql)")
-    bin_dir, user = Path(PG_BIN[-1]), pg_user()
-    root = Path(tempfile.mkdtemp(prefix="polypflow-pg-"))  # pytest's tmp folders are closed to other users
-    try:
-        if user:
-            shutil.chown(root, user)
-        data, port, log = root / "data", free_port(), tmp_path / "postgres.log"
-        run = lambda *cmd: subprocess.run(cmd, user=user, check=True, capture_output=True, text=True)  # noqa: E731
-        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "polypflow", "--auth=trust", "-E", "UTF8")
-        server = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(root)]
-        with service(server, log, user=user, stop_signal=signal.SIGINT) as proc:  # fast shutdown
-            ready = [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "polypflow"]
-            for _ in range(60):
-                if proc.poll() is not None or subprocess.run(ready, capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.5)
-            assert proc.poll() is None, tail(log)
-            run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "polypflow", "mlflow")
-            yield f"postgresql://polypflow@127.0.0.1:{port}/mlflow"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_cluster(tmp_path) as uri:
+        yield uri
 
 
 @pytest.fixture
