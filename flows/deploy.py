@@ -73,7 +73,7 @@ def deploy(project_dir: Path | str = ".", params_file: str = "params.yaml", para
         work_pool_name=schedule.work_pool,
         schedule=Cron(schedule.cron, timezone=schedule.timezone),
         parameters={"project_dir": "." if from_git else str(project), "params_file": params_file,
-                    **(parameters or {})},
+                    **({"worker_clone": True} if from_git else {}), **(parameters or {})},
         job_variables=job_variables(schedule, None if from_git else project),
         paused=paused,
         tags=["polypflow"],

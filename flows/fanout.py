@@ -96,12 +96,14 @@ def fit(project_dir: str, params_file: str, name: str, args: list[str]) -> dict:
 
 
 @task(name="fit-in-clone", task_run_name="fit {name} in a clone")
-def fit_in_clone(url: str, commit: str, name: str, targets: list[str]) -> dict:
+def fit_in_clone(url: str, commit: str, name: str, targets: list[str], worker_cache: str | None = None) -> dict:
     """Reproduce ``targets`` in a fresh clone of ``commit`` on this worker, pulling what they need from DVC's
-    default remote, then push their outputs and run-cache entries; the clone is removed afterwards."""
+    default remote into ``worker_cache`` (the host's, shared by its clones), then push their outputs and run-cache
+    entries; the clone is removed afterwards."""
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="polypflow-fit-") as work:
         checkout = sync.clone(url, commit, Path(work) / "checkout")
+        sync.share_cache(checkout, worker_cache)
         proc = sync.dvc(checkout, "repro", "--pull", "--allow-missing", *targets)
         tail = "\n".join(proc.stdout.splitlines()[-30:])
         if proc.returncode != 0:
@@ -117,14 +119,16 @@ def fit_in_clone(url: str, commit: str, name: str, targets: list[str]) -> dict:
 
 @flow(name="polypflow-fanout")
 def fan_out(project_dir: str, params_file: str, jobs: dict[str, list[str]], retries: int = 0,
-            retry_delay_s: int = 0, source: tuple[str, str] | None = None) -> list[dict]:
+            retry_delay_s: int = 0, source: tuple[str, str] | None = None,
+            worker_cache: str | None = None) -> list[dict]:
     """Submit every fit at once, each holding one ``GPU`` slot; wait for all, then fail naming the failed. With
-    ``source`` (git URL, commit) each job is DVC stages reproduced in a worker's own clone (:func:`fit_in_clone`)."""
+    ``source`` (git URL, commit) each job is DVC stages reproduced in a worker's own clone (:func:`fit_in_clone`),
+    whose DVC cache is ``worker_cache``."""
     options = {"retries": retries, "retry_delay_seconds": retry_delay_s}
     with dask.annotate(resources={GPU: 1}):
         if source:
             fitter = fit_in_clone.with_options(**options)
-            futures = {name: fitter.submit(*source, name, targets) for name, targets in jobs.items()}
+            futures = {name: fitter.submit(*source, name, targets, worker_cache) for name, targets in jobs.items()}
         else:
             fitter = fit.with_options(**options)
             futures = {name: fitter.submit(project_dir, params_file, name, args) for name, args in jobs.items()}
@@ -140,4 +144,4 @@ def run_fan_out(project_dir: Path | str, params_file: str, params: Params, jobs:
     """:func:`fan_out` on the task runner of ``params.fanout``, with the retries of ``params.schedule``."""
     runner = task_runner(params.fanout)
     return fan_out.with_options(task_runner=runner)(str(project_dir), params_file, jobs, params.schedule.retries,
-                                                     params.schedule.retry_delay_s, source)
+                                                     params.schedule.retry_delay_s, source, params.team.worker_cache)

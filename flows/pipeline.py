@@ -111,11 +111,14 @@ def collect_results(project_dir: str, params_file: str, methods: list[str]) -> d
 
 @flow(name="polypflow-pipeline", log_prints=True)
 def polypflow_pipeline(project_dir: str = ".", params_file: str = "params.yaml", methods: list[str] | None = None,
-                       crossval: bool = True) -> dict:
+                       crossval: bool = True, worker_clone: bool = False) -> dict:
     """Reproduce the pipeline: data stages, the fan-out of fits, per method train/evaluate/export/profile/register,
-    then CV and (for every method) the published maps' evaluation and the report."""
+    then CV and (for every method) the published maps' evaluation and the report. ``worker_clone``: the project is
+    the clone a git-sourced deployment made for this flow run, which takes the host's ``team.worker_cache``."""
     project_dir = str(Path(project_dir).resolve())
     params = load_params(Path(project_dir) / params_file)
+    if worker_clone:
+        sync.share_cache(project_dir, params.team.worker_cache)
     methods = methods or list(params.train.methods)
     unknown = sorted(set(methods) - set(params.train.methods))
     if unknown:

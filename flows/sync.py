@@ -108,6 +108,16 @@ def published_commit(project_dir: Path | str, git_remote: str) -> tuple[str, str
     return url, commit
 
 
+def share_cache(checkout: Path | str, cache: str | None) -> None:
+    """Make ``cache`` (``~`` expanded; None: keep the checkout's own) the DVC cache of ``checkout``, a clone the
+    flows made: the clones on one host then pull each object once (DVC's shared cache, content-addressed)."""
+    if cache is None:
+        return
+    proc = dvc(checkout, "cache", "dir", "--local", str(Path(cache).expanduser()))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{checkout}: dvc cache dir {cache} failed: {last_error(proc.stdout)}")
+
+
 def clone(url: str, commit: str, into: Path) -> Path:
     """A checkout of ``commit`` of ``url`` in ``into`` (a worker's own, sharing nothing with the flow's host)."""
     into.parent.mkdir(parents=True, exist_ok=True)

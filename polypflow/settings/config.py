@@ -266,6 +266,7 @@ class Team(Strict):
 
     dvc_sync: bool = False              # flows pull from DVC's default remote and push to it; False: one machine
     git_remote: str = "origin"          # the git remote a worker clones the flow's commit from (remote fan-out)
+    worker_cache: str | None = None     # one DVC cache for every clone the flows make on a host (~ expanded)
 
 
 class Params(Strict):

@@ -91,3 +91,20 @@ def test_a_worker_clones_only_a_clean_pushed_commit(repo, tmp_path):
 
     checkout = sync.clone(url, commit, tmp_path / "worker" / "checkout")
     assert (checkout / "source.txt").read_text() == "polyp\n"
+
+
+def test_clones_on_one_host_share_one_cache_so_data_is_pulled_once(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run(repo, "git", "push", "-q", "origin", "main")
+    sync.push(repo)
+    url, commit = sync.published_commit(repo, "origin")
+    first, second = (sync.clone(url, commit, tmp_path / name / "checkout") for name in ("first", "second"))
+    for checkout in (first, second):
+        sync.share_cache(checkout, "~/worker-cache")
+    assert "1 file fetched" in sync.dvc(first, "pull").stdout
+    pulled = sync.dvc(second, "pull").stdout
+    assert "fetched" not in pulled and "1 file added" in pulled, pulled  # from the shared cache, none fetched
+    assert (second / "copied.txt").read_text() == "polyp\n"
+    assert any((tmp_path / "home" / "worker-cache" / "files" / "md5").rglob("*"))
+    sync.share_cache(first, None)  # None changes nothing
+    assert "worker-cache" in sync.dvc(first, "cache", "dir").stdout

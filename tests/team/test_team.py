@@ -144,7 +144,7 @@ def settings(synthetic_root: Path, **team_settings) -> dict:
     params = synthetic_params(synthetic_root)
     params["schedule"].update(retries=1, retry_delay_s=0)
     params["fanout"]["enabled"] = False
-    params["team"] = {"dvc_sync": True, "git_remote": "origin", **team_settings}
+    params["team"].update(dvc_sync=True, **team_settings)  # worker_cache: the repository's, under each HOME
     return params
 
 
@@ -227,6 +227,13 @@ def network_bytes(lock: dict, stage: str) -> tuple[int, int]:
     return pulled, sum(o.get("size", 0) for o in lock[stage]["outs"])
 
 
+def in_worker_cache(team: Team, host: str, lock: dict, stage: str, name: str) -> bool:
+    """Whether ``stage``'s output ``name`` (as dvc.lock has it) is in ``host``'s shared DVC cache (team.worker_cache,
+    ``~/.cache/polypflow/dvc`` under that host's HOME): the clones the flows made there pulled and fitted into it."""
+    md5 = next(o["md5"] for o in lock[stage]["outs"] if o["path"].endswith(name))
+    return (team.root / host / "home" / ".cache" / "polypflow" / "dvc" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
 def du(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -284,6 +291,8 @@ def test_b_worker_runs_a_git_sourced_deployment_and_a_pulls_its_results(team, ho
     assert "Stage 'train@unet' is cached - skipping run" in repro.stdout
     history = (host_a / "artifacts" / "models" / "unet" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3  # B's three epochs
+    lock = yaml.safe_load((host_a / "dvc.lock").read_text())["stages"]
+    assert in_worker_cache(team, "B", lock, "train@unet", "model.pt")
     print(f"\nA: dvc repro --pull restoring B's results {time.monotonic() - started:.1f} s")
     commit_and_push(team, "A", host_a, "B's three-epoch results")
 
@@ -319,6 +328,7 @@ def test_a_fit_fanned_out_to_b_is_recorded_in_a_without_refitting(team, host_a, 
         assert lock["train@unet"]["params"]["params.yaml"]["train.defaults"]["lr"] == 2e-3
         model = next(o for o in lock["train@unet"]["outs"] if o["path"].endswith("model.pt"))
         assert hashlib.md5((host_a / model["path"]).read_bytes()).hexdigest() == model["md5"]
+        assert in_worker_cache(team, "B", lock, "train@unet", "model.pt")
         assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # A fitted nothing
         assert not {"train@unet", "crossval"} & set(ran_stages(flow.stdout)), flow.stdout[-3000:]
         assert team.dvc("A", host_a, "status").stdout.strip() == "Data and pipelines are up to date."
