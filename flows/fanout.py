@@ -89,9 +89,15 @@ def fit(project_dir: str, params_file: str, name: str, args: list[str]) -> dict:
     tail = "\n".join(proc.stdout.splitlines()[-30:])
     if proc.returncode != 0:
         raise RuntimeError(f"{name} ({' '.join(args)}) failed with exit code {proc.returncode}:\n{tail}")
-    finished = time.time()
-    get_run_logger().info("%s: %.0f s on worker %s\n%s", name, finished - started, get_worker().name, tail)
-    return {"name": name, "worker": str(get_worker().name), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    return fit_record(name, started, tail)
+
+
+def fit_record(name: str, started: float, tail: str, where: str = "", **extra) -> dict:
+    """Log a finished fit (``where``: what else to say of it) and return its record: this worker, its device, the
+    times, ``extra``."""
+    finished, worker = time.time(), get_worker().name
+    get_run_logger().info("%s: %.0f s on worker %s%s\n%s", name, finished - started, worker, where, tail)
+    return {"name": name, "worker": str(worker), "device": os.environ.get("CUDA_VISIBLE_DEVICES"), **extra,
             "started": started, "finished": finished}
 
 
@@ -110,11 +116,7 @@ def fit_in_clone(url: str, commit: str, name: str, targets: list[str], worker_ca
             raise RuntimeError(f"{name} (dvc repro {' '.join(targets)} at {commit[:12]}) failed with exit code "
                                f"{proc.returncode}:\n{tail}")
         pushed = sync.push(checkout, targets)
-    finished = time.time()
-    get_run_logger().info("%s: %.0f s on worker %s at %s; %s\n%s", name, finished - started, get_worker().name,
-                          commit[:12], pushed, tail)
-    return {"name": name, "worker": str(get_worker().name), "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "commit": commit, "pushed": pushed, "started": started, "finished": finished}
+    return fit_record(name, started, tail, f" at {commit[:12]}; {pushed}", commit=commit, pushed=pushed)
 
 
 @flow(name="polypflow-fanout")

@@ -50,11 +50,11 @@ def last_error(output: str) -> str:
 def not_in_remote(project_dir: Path | str, targets: list[str]) -> list[str] | None:
     """The outputs of ``targets`` (all stages if empty) that the default remote lacks; None if it cannot be asked."""
     proc = dvc(project_dir, "status", "--cloud", "--json", *targets, merged=False)
-    try:
-        status = json.loads(proc.stdout or "{}") if proc.returncode == 0 else None
-    except ValueError:
+    if proc.returncode != 0:
         return None
-    if status is None:
+    try:
+        status = json.loads(proc.stdout or "{}")
+    except ValueError:
         return None
     return sorted(path for path, state in status.items() if state in ("new", "missing", "modified"))
 
