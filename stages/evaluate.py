@@ -7,7 +7,8 @@ published prediction maps are scored exactly like a segmenter's, on the test ima
 from ``splits.json`` (:func:`polypflow.evaluate.runner.evaluate_test_sets`, the one test-set loop), scored at the
 masks' original resolution. Writes ``artifacts/eval/<method>/``: ``per_image.csv``, ``summary.json`` (per test
 set), ``pr.csv``, ``sweep.csv``, ``curves.csv``, ``cases/`` (best and worst ``evaluate.cases`` images per test
-set; ``cases.csv``) and ``gradcam/`` panels (a segmenter's); its MLflow run logs the test metrics and the folder.
+set; ``cases.csv``; the film strip of each test set's least stable video sequence), ``stability.csv`` (flicker
+and false alarms per video sequence, raw and with the model's smoothing) and ``gradcam/`` panels (a segmenter's); its MLflow run logs the test metrics and the folder.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from polypflow.data.images import read_facts, read_splits
 from polypflow.evaluate.runner import Source, evaluate_test_sets
 from polypflow.infer.device import resolve_device
+from polypflow.infer.temporal import Smoothing
 from polypflow.io import read_json, write_json
 from polypflow.settings.config import ExternalMethod, Params
 from polypflow.settings.layout import method_layout
@@ -77,6 +79,7 @@ def run(params: Params, method: str) -> dict:
         if not Path(spec.root).is_dir():
             raise FileNotFoundError(f"{spec.root}: no such folder (external.{method}.root)")
         task, source, threshold, parent = SegmentationTask(params), external_maps(spec), spec.threshold, None
+        smoothing = Smoothing()
         tags, nothing = {"polypflow.external": spec.title}, f"external.{method}: no map in {spec.root}"
     else:
         parent = read_json(files.run_record("train"))["run_id"]
@@ -84,8 +87,8 @@ def run(params: Params, method: str) -> dict:
         model, meta = load_trained(files.model)
         task, threshold, tags, nothing = task_of(meta["arch"])(params), meta["threshold"], None, f"{method}: no prediction"
         predictor = task.predictor(model, meta, device=resolve_device(params.device), batch_size=params.evaluate.batch_size)
-        source = task.test_source(predictor, meta, facts)
-    summary = evaluate_test_sets(source, task.scorer(threshold, facts, files.cases_dir), splits, files, task.case_columns)
+        source, smoothing = task.test_source(predictor, meta, facts), Smoothing.of(meta)
+    summary = evaluate_test_sets(source, task.scorer(threshold, facts, files.cases_dir, smoothing), splits, files, task.case_columns)
     if not summary:
         raise ValueError(f"{nothing} matches a test image of {params.paths.splits}")
     if method not in params.external:

@@ -5,6 +5,12 @@ the task's head makes of the model's outputs (:mod:`polypflow.infer.onnx`): a se
 a detector's decoded box and score for every anchor (NMS after it; parity compared after the same NMS). The
 largest difference to PyTorch on random input is reported in ``parity.json`` and must stay under
 ``export.atol``; the file is logged to the method's MLflow training run.
+
+Then the int8 graph (``int8/model.onnx``): the task quantises the fp32 graph statically (QDQ), calibrated on
+``export.int8_calibration_images`` of the images the method trained on, and scores both graphs on every test set
+(``int8/check.json``, and under ``int8`` in ``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not
+fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not quantise
+writes only ``check.json``, saying why.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from polypflow.io import read_json, write_json
 from polypflow.settings.config import Params
 from polypflow.settings.layout import method_layout
 from polypflow.tasks import task_of
+from polypflow.tasks.graphs import int8_check
 from polypflow.track import runs as tracking
 from polypflow.train.checkpoint import load_trained
 from stages._cli import method_main
@@ -34,15 +41,41 @@ def run(params: Params, method: str) -> dict:
     size = meta["image_size"]
     report = {"max_abs_diff": diff, "atol": params.export.atol, "opset": params.export.opset,
               "input": f"N x 3 x {size} x {size}, RGB in [0, 1]", "bytes": files.onnx.stat().st_size, **extra}
-    write_json(files.parity, report)
     if diff > params.export.atol:
+        write_json(files.parity, report)
         raise RuntimeError(f"{files.onnx}: ONNX differs from PyTorch by {diff:.2e} > export.atol {params.export.atol}")
+    report["int8"] = check = int8_check(params, method, meta, files.onnx, files.int8_onnx)
+    write_json(files.int8_check, check)
+    write_json(files.parity, report)
     with tracking.stage_run(params, "export", method, parent_run_id=train_run) as run:
-        mlflow.log_metrics({"onnx_max_abs_diff": diff, "onnx_bytes": report["bytes"]})
+        mlflow.log_metrics({"onnx_max_abs_diff": diff, "onnx_bytes": report["bytes"], **int8_metrics(check)})
         mlflow.log_artifact(str(files.onnx), artifact_path="onnx")
+        mlflow.log_dict(check, "onnx_int8/check.json")
+        if check["quantised"]:
+            mlflow.log_artifact(str(files.int8_onnx), artifact_path="onnx_int8")
     write_json(files.run_record("export"), {"run_id": run.info.run_id})
     log.info("%s: exported %s (%d bytes), max |onnx - torch| = %.2e", method, files.onnx, report["bytes"], diff)
+    log_int8(method, check)
     return report
+
+
+def int8_metrics(check: dict) -> dict[str, float]:
+    if not check["quantised"]:
+        return {}
+    scores = {f"{graph}_{dataset}_dice": s[graph] for dataset, s in check["test_sets"].items() for graph in ("fp32", "int8")}
+    return {**scores, "int8_worst_dice_drop": check["worst_drop"], "int8_within_budget": float(check["within_budget"])}
+
+
+def log_int8(method: str, check: dict) -> None:
+    if not check["quantised"]:
+        log.info("%s: int8 %s", method, check["reason"])
+        return
+    for dataset, s in check["test_sets"].items():
+        log.info("%s: %s %s fp32 %.4f, int8 %.4f (drop %+.4f)", method, dataset, check["metric"], s["fp32"], s["int8"],
+                 s["drop"])
+    if not check["within_budget"]:
+        log.warning("%s: int8 mDice drops by %.4f on a test set, more than export.int8_max_dice_drop %.4f: int8 not "
+                    "within budget (recorded in %s)", method, check["worst_drop"], check["max_drop"], "int8/check.json")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,17 @@
 
 MACs are counted at ``profile.macs_image_size`` (352 px, the papers' reference) and at the method's own
 size; latency is measured at the method's size, on the device present (CUDA when available), with the
-batch size of ``profile.batch_size``.
+batch size of ``profile.batch_size``. ONNX Runtime on the CPU is also timed for the fp32 and int8 graphs at each
+size of ``profile.ort_sizes`` with each thread count of ``profile.ort_threads`` (``ort_grid``): the exported graph's
+size is fixed, so both are rebuilt from the checkpoint at each size in a temporary folder (the fp32 graph by the
+task's export, the int8 one by its quantisation, calibrated on the method's training images at that size).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import mlflow
 import torch
@@ -17,7 +22,9 @@ from polypflow.settings.config import Params
 from polypflow.infer.onnx import onnx_session
 from polypflow.io import read_json, write_json
 from polypflow.settings.layout import method_layout
-from polypflow.evaluate.profiling import count_macs, count_params, device_name, ort_latency, torch_latency
+from polypflow.evaluate.profiling import (count_macs, count_params, device_name, grid_metrics, ort_grid, ort_latency,
+                                          torch_latency)
+from polypflow.tasks.graphs import graphs_at
 from polypflow.infer.device import resolve_device
 from polypflow.train.checkpoint import load_trained
 from stages._cli import method_main
@@ -47,18 +54,25 @@ def run(params: Params, method: str) -> dict:
         "torch": torch_latency(model, size, cfg.batch_size, cfg.warmup, cfg.iterations, device),
         "onnxruntime": ort_latency(session, size, cfg.batch_size, cfg.warmup, cfg.iterations),
     }
+    with tempfile.TemporaryDirectory(prefix=f"profile-{method}-") as folder:
+        graphs = {s: graphs_at(params, method, model, meta, s, Path(folder)) for s in cfg.ort_sizes}
+        report["ort_grid"] = ort_grid(graphs, cfg.ort_threads, cfg.batch_size, cfg.warmup, cfg.iterations)
     write_json(files.profile, report)
     gmacs = f"gmacs_{cfg.macs_image_size}"  # GMACs at the papers' reference size
     flat = {"params": report["params"], gmacs: report["macs_at_macs_image_size"] / 1e9,
             "torch_p50_ms": report["torch"]["p50_ms"], "torch_p95_ms": report["torch"]["p95_ms"],
             "torch_fps": report["torch"]["fps"], "ort_p50_ms": report["onnxruntime"]["p50_ms"],
-            "ort_p95_ms": report["onnxruntime"]["p95_ms"], "ort_fps": report["onnxruntime"]["fps"]}
+            "ort_p95_ms": report["onnxruntime"]["p95_ms"], "ort_fps": report["onnxruntime"]["fps"],
+            **grid_metrics(report["ort_grid"])}
     with tracking.stage_run(params, "profile", method, parent_run_id=train_run) as run:
         mlflow.log_metrics(flat)
         mlflow.log_dict(report, "profile.json")
     write_json(files.run_record("profile"), {"run_id": run.info.run_id})
     log.info("%s: %.2f M params, %.2f GMACs@%d, torch p50 %.1f ms, ORT p50 %.1f ms", method, report["params"] / 1e6,
              flat[gmacs], cfg.macs_image_size, flat["torch_p50_ms"], flat["ort_p50_ms"])
+    for row in report["ort_grid"]:
+        log.info("%s: ORT %s %d px, %d thread(s): p50 %.1f ms, %.1f FPS", method, row["precision"], row["size"],
+                 row["threads"], row["p50_ms"], row["fps"])
     return report
 
 

@@ -17,6 +17,7 @@ import torch
 
 from polypflow.data.images import NORMALIZATION, load_image_set, read_facts, read_splits
 from polypflow.deploy.serving import log_model
+from polypflow.evaluate.stability import sequences_of
 from polypflow.infer.device import resolve_device
 from polypflow.infer.predictor import SizeLimits
 from polypflow.io import write_csv, write_json
@@ -43,12 +44,15 @@ def fit_checkpoint(params: Params, method: str, resume: bool = True, on_epoch=No
     return fit_plan(params, training_plan(params, method), method_layout(params, method).checkpoint, resume, on_epoch)
 
 
-def val_per_image(params: Params, model: torch.nn.Module, plan: MethodPlan, threshold: float) -> pd.DataFrame:
-    """Each validation image's score at ``threshold`` (the task's: Dice, a detector's box F1), for promotion."""
-    val = load_image_set(read_facts(params), plan.val_keys, plan.recipe.image_size, params.validate_.mask_threshold,
-                         params.paths.cache)
-    scores = plan.task.val_scores(model, val, threshold, resolve_device(params.device))
-    return pd.DataFrame({"key": pd.Series(plan.val_keys, dtype=str), plan.task.val_score: pd.Series(scores, dtype=float)})
+def validation(params: Params, model: torch.nn.Module, plan: MethodPlan, threshold: float) -> tuple[pd.DataFrame, dict]:
+    """Each validation image's score at ``threshold`` (the task's: Dice, a detector's box F1), for promotion, and
+    what the task chooses on the validation sequences for video (a segmenter's smoothing)."""
+    facts, device = read_facts(params), resolve_device(params.device)
+    val = load_image_set(facts, plan.val_keys, plan.recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
+    scores = plan.task.val_scores(model, val, threshold, device)
+    sequences = list(sequences_of(facts, val.keys, params.video_datasets()).values())
+    video = plan.task.video_meta(model, val, sequences, threshold, device)
+    return pd.DataFrame({"key": pd.Series(plan.val_keys, dtype=str), plan.task.val_score: pd.Series(scores, dtype=float)}), video
 
 
 def run(params: Params, method: str, resume: bool = True) -> dict:
@@ -71,11 +75,13 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                 "image_size": recipe.image_size, "normalize": recipe.normalize, "mean": list(mean), "std": list(std),
                 "threshold": result.threshold, task.metric: result.best_score, "best_epoch": result.best_epoch,
                 **task.meta()}
-        val_scores = val_per_image(params, model, plan, result.threshold)
+        val_scores, video = validation(params, model, plan, result.threshold)
+        meta.update(video)
         history = pd.DataFrame([{**row, "val_score": task.select(row)} for row in result.history])
         metrics = {task.metric: result.best_score, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    "threshold": result.threshold, "image_size": recipe.image_size}
-        mlflow.log_metrics({f"best_{task.metric}": result.best_score, "threshold": result.threshold})
+        mlflow.log_metrics({f"best_{task.metric}": result.best_score, "threshold": result.threshold,
+                            **{f"smoothing.{k}": v for k, v in video.get("smoothing", {}).items() if not isinstance(v, str)}})
         mlflow.log_text(history.to_csv(index=False), "history.csv")
         mlflow.log_text(val_scores.to_csv(index=False), tracking.VAL_SCORES_ARTIFACT)
         info = log_model(model.cpu(), meta, SizeLimits(params.validate_.min_side, params.validate_.max_side))

@@ -91,7 +91,8 @@ def synthetic_params(data_root: Path) -> dict:
     params["report"]["pairs"] = []  # the repository's pairs name its methods
     params["external"] = {}  # the repository's external maps are for its own datasets
     params["evaluate"].update(pr_points=5, batch_size=8)
-    params["profile"].update(macs_image_size=64, warmup=1, iterations=2)
+    params["profile"].update(macs_image_size=64, warmup=1, iterations=2, ort_sizes=[], ort_threads=[1])  # grid: test_export_int8
+    params["export"].update(int8_calibration_images=4)
     return params
 
 

@@ -29,9 +29,9 @@ def test_dvc_yaml_declares_the_files_layout_names():
         assert stage_outs(repo, f"train@{method}") == rel(f.model, f.run_record("train"), f.val_scores, f.metrics,
                                                           f.history)  # the resume checkpoint is scratch, not an output
         assert stage_outs(repo, f"evaluate@{method}") == rel(
-            *(f.eval_table(t) for t in ("per_image", "curves", "pr", "sweep")), f.cases_dir, f.gradcam_dir,
+            *(f.eval_table(t) for t in ("per_image", "stability", "curves", "pr", "sweep")), f.cases_dir, f.gradcam_dir,
             f.run_record("evaluate"), f.eval_summary)
-        assert stage_outs(repo, f"export@{method}") == rel(f.onnx, f.run_record("export"), f.parity)
+        assert stage_outs(repo, f"export@{method}") == rel(f.onnx, f.int8_dir, f.run_record("export"), f.parity)
         assert stage_outs(repo, f"profile@{method}") == rel(f.profile, f.run_record("profile"))
         assert stage_outs(repo, f"register@{method}") == rel(f.registered)
         cv = method_layout(params, params.crossval.method)
@@ -39,7 +39,7 @@ def test_dvc_yaml_declares_the_files_layout_names():
         for name in params.external:
             e = method_layout(params, name)
             assert stage_outs(repo, f"evaluate_external@{name}") == rel(
-                *(e.eval_table(t) for t in ("per_image", "curves", "pr", "sweep")), e.cases_dir,
+                *(e.eval_table(t) for t in ("per_image", "stability", "curves", "pr", "sweep")), e.cases_dir,
                 e.run_record("evaluate"), e.eval_summary)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from benchmarks.bench.common import MEAN, STD, Setup, failure
 from models import build_model
-from polypflow.infer.onnx import DeployGraph, export_onnx, probability
+from polypflow.infer.onnx import DeployGraph, export_onnx, probability, quantize_int8
 from polypflow.evaluate.profiling import count_macs, count_params
 
 OPSET = 18  # the lowest opset the dynamo exporter writes; the pipeline's own is export.opset
@@ -85,26 +85,12 @@ def fp16_onnx(src: Path, dst: Path) -> Path:
 
 
 def int8_onnx(src: Path, dst: Path, size: int, calibration_images: int = 8) -> Path:
-    """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations) by onnxruntime's own
-    quantiser, calibrated on ``calibration_images`` seeded random RGB frames: the benchmark's models are
-    untrained, so the calibration sets only the scales that the latency depends on, not an accuracy."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Frames(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(0)
-            self.batches = iter([{"image": rng.random((1, 3, size, size), dtype=np.float32)}
-                                 for _ in range(calibration_images)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    prepared = dst.with_name(f"{dst.stem}-prepared.onnx")
-    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(dst), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return dst
+    """The pipeline's static int8 quantisation (:func:`~polypflow.infer.onnx.quantize_int8`: QDQ, per-channel int8
+    weights, uint8 activations), calibrated on ``calibration_images`` seeded random RGB frames: the benchmark's
+    models are untrained, so the calibration sets only the scales that the latency depends on, not an accuracy
+    (export@ calibrates on the method's training images and checks its Dice)."""
+    rng = np.random.default_rng(0)
+    return quantize_int8(src, dst, (rng.random((1, 3, size, size), dtype=np.float32) for _ in range(calibration_images)))
 
 
 def ort_session(path: Path, provider: str | tuple[str, dict], threads: int | None):

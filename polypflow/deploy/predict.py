@@ -27,7 +27,11 @@ the model's ``detection.match_score``) in red with its score, and ``predictions.
 highest score, the boxes as JSON ``[[x1, y1, x2, y2, score], ...]`` in the image's pixels). A frame without a
 polyp gets no box, not an error.
 
-``--input`` is a folder of images or one image file. Two inputs with the same stem (``frame.jpg`` and
+``--input`` a video file (any container FFmpeg reads), or a folder of numbered frames with ``--video``, is
+predicted frame by frame into videos (:mod:`polypflow.deploy.video`): ``overlay.mp4``, a segmenter's ``mask.mp4``,
+``frames.csv`` and ``summary.json``; exit status 3 when the stream broke part-way (the frames before it are kept).
+
+Otherwise ``--input`` is a folder of images or one image file. Two inputs with the same stem (``frame.jpg`` and
 ``frame.png``) would write the same mask: they are refused, named, before anything is written. A threshold
 outside the task's range (a segmenter's (0, 1), a detector's [0, 1)) is refused as the server refuses it.
 """
@@ -46,6 +50,7 @@ from mlflow.exceptions import MlflowException
 
 from polypflow.data.images import IMAGE_EXTENSIONS
 from polypflow.deploy.load import load_predictor
+from polypflow.deploy.video import VideoResult, is_video, predict_video
 from polypflow.infer.predictor import ImageError, SizeLimits, decode_image
 from polypflow.io import write_csv, write_png
 from polypflow.settings.config import Params, ParamsError
@@ -103,6 +108,18 @@ def run(model: str, source: Path | str, output_dir: Path | str, threshold: float
     return table, skipped
 
 
+def run_video(args: argparse.Namespace, project: tuple[Path, Params] | None, limits: SizeLimits) -> VideoResult:
+    """``--input`` as one video (a file, or ``--video``'s folder of numbered frames)."""
+    if args.video and not args.input.is_dir():
+        raise FileNotFoundError(f"--input {args.input}: --video expects a folder of numbered frames")
+    if project is None:
+        raise ParamsError("no params.yaml found for video.batch_size")
+    task, predictor = load_predictor(args.model, args.threshold)
+    task.check_threshold(predictor.threshold)
+    return predict_video(task, predictor, args.input, args.output, limits, args.video, project[1].video.batch_size,
+                         args.smoothing)
+
+
 def size_limits(args: argparse.Namespace, project: tuple[Path, Params] | None) -> SizeLimits:
     """``--min-side``/``--max-side``, else ``validate.min_side``/``max_side`` of the project's settings."""
     if project is None and not (args.min_side and args.max_side):
@@ -114,11 +131,14 @@ def size_limits(args: argparse.Namespace, project: tuple[Path, Params] | None) -
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Predict polyps in images: masks (PNG 0/255) and overlays, or boxes.")
     p.add_argument("--model", required=True, help="models:/<name>@champion, models:/<name>/<v>, runs:/..., x.onnx, model.pt")
-    p.add_argument("--input", required=True, type=Path, help="a folder of images, or one image file")
+    p.add_argument("--input", required=True, type=Path, help="a folder of images, one image, or a video file")
     p.add_argument("--output", required=True, type=Path, help="folder for masks/, overlays/, predictions.csv")
     p.add_argument("--threshold", type=float, default=None, help="default: the model's registered threshold")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else tracking.uri of the project's params.yaml)")
+    p.add_argument("--video", action="store_true", help="--input is a folder of numbered frames of one video")
+    p.add_argument("--smoothing", action=argparse.BooleanOptionalAction, default=None,
+                   help="a video's moving average over frames (default: as the model ships it, params video.smoothing)")
     p.add_argument("--min-side", type=int, default=None, help="refuse smaller images (default: validate.min_side)")
     p.add_argument("--max-side", type=int, default=None, help="refuse larger images (default: validate.max_side)")
     return p.parse_args(argv)
@@ -131,7 +151,15 @@ def main(argv: list[str] | None = None) -> None:
         project = nearest_project()
         if not args.model.endswith((".onnx", ".pt")):
             use_existing_store(args.tracking_uri, project)
-        _, skipped = run(args.model, args.input, args.output, args.threshold, size_limits(args, project))
+        limits = size_limits(args, project)
+        if args.video or is_video(args.input):
+            stopped = run_video(args, project, limits).stopped
+            if stopped:
+                log.error("%s: %s; the outputs hold the frames before it", args.input, stopped)
+                sys.exit(EXIT_SKIPPED)
+            return
+        else:
+            _, skipped = run(args.model, args.input, args.output, args.threshold, limits)
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)

@@ -10,7 +10,9 @@ A segmenter's answer per row is ``mask`` (base64 PNG, 0/255, at the image's own 
 and ``max_probability``: ``{"predictions": [{"mask": ..., "polyp_fraction": ..., "max_probability": ...}]}``; a
 detector's is ``boxes`` (JSON ``[[x1, y1, x2, y2, score], ...]`` in the image's pixels, best first, scoring at
 least the threshold), ``n_boxes`` and ``max_score``. Rows are predicted one by one, as
-``python -m polypflow.deploy.predict`` does files, so the answers are the same.
+``python -m polypflow.deploy.predict`` does files, so the answers are the same. With ``"params": {"sequence":
+true}`` the rows are consecutive frames of one video, answered in order through the model's moving average over
+frames when it ships one on (``video.smoothing``), as ``predict --input video.mp4`` answers them.
 
 A bad row (not base64, not an image, not 3 channels, a side outside ``validate.min_side``..``max_side``)
 raises :class:`~mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``, which the scoring server
@@ -99,19 +101,25 @@ class PolypModel(mlflow.pyfunc.PythonModel):
         if IMAGE_COLUMN not in model_input:
             raise bad_request(f"missing column {IMAGE_COLUMN!r} (got {list(model_input.columns)})")
         images = [decode_row(i, value, self.limits) for i, value in enumerate(model_input[IMAGE_COLUMN])]
+        if (params or {}).get("sequence", False):  # consecutive frames of one video: the model's smoothing, in order
+            outputs = self.predictor.predict(images, along=self.predictor.stream())
+        else:  # one at a time, as the predict CLI does: the same answer to the pixel
+            outputs = [self.predictor.predict([image])[0] for image in images]
         rows = []
-        for image in images:  # one at a time, as the predict CLI does: the same answer to the pixel
-            row, _, mask = self.task.answer(self.predictor, image, threshold)
+        for image, output in zip(images, outputs, strict=True):
+            row, _, mask = self.task.answer(self.predictor, image, threshold, output)
             rows.append({**row, **({"mask": png_base64(mask)} if mask is not None else {})})
         return pd.DataFrame(rows, columns=list(self.task.answer_columns))
 
 
 def signature(task: type[Task], threshold: float) -> ModelSignature:
-    """String column ``image`` in; the task's answer columns out; param ``threshold``."""
+    """String column ``image`` in; the task's answer columns out; params ``threshold`` and ``sequence`` (the rows
+    are consecutive frames of one video: the model's moving average over frames applies, when it ships one on)."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=Schema([ColSpec(kind, name) for name, kind in task.answer_columns.items()]),
-        params=ParamSchema([ParamSpec("threshold", "double", float(threshold))]),
+        params=ParamSchema([ParamSpec("threshold", "double", float(threshold)),
+                            ParamSpec("sequence", "boolean", False)]),  # rows are one video's frames, in order
     )
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import platform
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from polypflow.infer.onnx import onnx_session
 
 
 def count_params(model: nn.Module) -> int:
@@ -59,6 +62,25 @@ def ort_latency(session, image_size: int, batch: int, warmup: int, iterations: i
     name = session.get_inputs()[0].name
     stats = latency(lambda: session.run(None, {name: x}), warmup, iterations)
     return {**stats, "fps": 1e3 * batch / stats["p50_ms"], "providers": session.get_providers()}
+
+
+def ort_grid(graphs: Mapping[int, Mapping[str, Path]], threads: Sequence[int], batch: int, warmup: int,
+             iterations: int) -> list[dict]:
+    """ONNX Runtime latency of each graph (input size -> precision -> ONNX file) with each intra-op thread count:
+    one row per (precision, size, threads) with p50/p95 ms and FPS."""
+    rows = []
+    for size, files in graphs.items():
+        for precision, path in files.items():
+            for n in threads:
+                stats = ort_latency(onnx_session(path, n), size, batch, warmup, iterations)
+                rows.append({"precision": precision, "size": size, "threads": n, "batch": batch,
+                             "p50_ms": stats["p50_ms"], "p95_ms": stats["p95_ms"], "fps": stats["fps"]})
+    return rows
+
+
+def grid_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    """The grid's rows as flat MLflow metric names, e.g. ``ort_int8_352px_2t_fps``."""
+    return {f"ort_{r['precision']}_{r['size']}px_{r['threads']}t_{k}": r[k] for r in rows for k in ("p50_ms", "fps")}
 
 
 def device_name(device: torch.device) -> str:

@@ -23,7 +23,7 @@ from polypflow.settings.config import Evaluate
 from polypflow.settings.layout import MethodLayout
 
 log = logging.getLogger(__name__)
-TABLES = ("per_image", "pr", "sweep", "curves")
+TABLES = ("per_image", "pr", "sweep", "curves", "stability")  # stability: a segmenter's, over video sequences
 # (dataset, the keys listed) -> the keys predicted (an external method may lack some) and their outputs
 Source = Callable[[str, list[str]], tuple[list[str], Sequence[Any]]]
 
@@ -92,7 +92,7 @@ def evaluate_test_sets(source: Source, score: Scorer, splits: dict, files: Metho
         log.info("%s (%s): %s (n=%d%s)", dataset, protocol, scores.line, len(keys),
                  f", {len(listed) - len(keys)} without a prediction" if missing else "")
     if summary:
-        for name, parts in tables.items():
-            write_csv(files.eval_table(name), pd.concat(parts))
+        for name, parts in tables.items():  # every table is written: a task without one writes it empty
+            write_csv(files.eval_table(name), pd.concat(parts) if parts else pd.DataFrame(columns=["dataset", "protocol"]))
         write_csv(files.cases, pd.DataFrame(cases, columns=list(case_columns)))
     return summary

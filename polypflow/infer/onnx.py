@@ -8,16 +8,23 @@ or NMS (:func:`anchor_boxes`: fixed shapes, nothing data-dependent in the graph)
 graph in :func:`models.gfl_atss.postprocess`, the function PyTorch predictions go through too, so its parity is
 compared after the same post-processing. (ONNX's ``NonMaxSuppression`` exists, but per-image variable-length
 outputs with a dynamic batch would need a padded or flattened-index output every consumer re-parses.)
+
+:func:`quantize_int8` makes the int8 graph of an exported one: onnxruntime's own static quantiser, QDQ format,
+per-channel int8 weights, uint8 activations, calibrated (min/max) on the batches it is given (the pipeline's: the
+method's training images, ``polypflow.tasks.plan.calibration_batches``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from models.gfl_atss import Detections, postprocess
@@ -62,6 +69,31 @@ def export_onnx(graph: DeployGraph, path: Path | str, image_size: int, opset: in
         )
         program.save(str(tmp))
     return Path(path)
+
+
+class _Batches(CalibrationDataReader):
+    """onnxruntime's calibration reader over an iterable of input batches."""
+
+    def __init__(self, batches: Iterable[np.ndarray]) -> None:
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {"image": np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray], reduce_range: bool = False) -> Path:
+    """Write the static int8 quantisation of ONNX graph ``src`` to ``dst`` atomically: shape inference
+    (``quant_pre_process``), then ``quantize_static`` in QDQ format, per-channel int8 weights, uint8 activations,
+    calibrated by min/max on ``batches`` (float32 N×3×S×S RGB in [0, 1], the graph's input ``image``).
+    ``reduce_range``: 7-bit weights, which avoid the saturating uint8 × int8 products of x86 CPUs without VNNI
+    (AVX2-only, such as the 2-core AMD EPYC), at a bit of weight precision elsewhere."""
+    with tempfile.TemporaryDirectory(prefix="quantize-") as work, atomic_path(dst, suffix=".onnx") as tmp:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+    return Path(dst)
 
 
 def onnx_session(path: Path | str, threads: int | None = None) -> ort.InferenceSession:

@@ -17,8 +17,8 @@ which refuses what the pipeline would not train on: undecodable bytes, anything 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import cv2
@@ -30,6 +30,7 @@ from torch import nn
 from models.gfl_atss import Detections
 from polypflow.data.images import resize_image, to_tensor
 from polypflow.infer.device import CPU
+from polypflow.infer.temporal import Smoothing
 
 Normalization = str | tuple[Sequence[float], Sequence[float]]  # a name of data.images.NORMALIZATION, or (mean, std)
 
@@ -187,19 +188,32 @@ class Predictor:
     threshold: float
     batch_size: int = 16
     source: str = ""
+    smoothing: Smoothing = Smoothing()   # over consecutive frames (a segmenter's maps): :meth:`stream`
 
     def predict_resized(self, images: np.ndarray) -> Any:
         """The outputs of uint8 RGB images already at the model's size (N×S×S×3), in model-input pixels."""
         parts = [self.backend(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         return self.backend.join(parts, images)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list:
-        """The outputs of uint8 RGB images of any size, each at its own resolution."""
+    def predict(self, images: Sequence[np.ndarray], along: Callable[[Any], Any] | None = None) -> list:
+        """The outputs of uint8 RGB images of any size, each at its own resolution; ``along`` (a :meth:`stream`),
+        when given, sees each output in order at the model's size before it is resized."""
         if not len(images):
             return []
         small = np.stack([resize_image(image, self.image_size) for image in images])
-        return [self.backend.at(out, self.image_size, image.shape)
-                for out, image in zip(self.predict_resized(small), images, strict=True)]
+        outputs = self.predict_resized(small)
+        return [self.backend.at(along(out) if along else out, self.image_size, image.shape)
+                for out, image in zip(outputs, images, strict=True)]
+
+    def smoothing_for(self, smoothing: bool | None = None) -> Smoothing:
+        """The model's moving average, switched on or off by ``smoothing`` (None: as the model ships it)."""
+        return self.smoothing if smoothing is None else replace(self.smoothing, enabled=smoothing)
+
+    def stream(self, smoothing: bool | None = None) -> Callable[[Any], Any]:
+        """What one video's outputs go through, frame after frame: :meth:`smoothing_for`'s moving average when it
+        is active; else nothing."""
+        chosen = self.smoothing_for(smoothing)
+        return chosen.stream() if chosen.active else (lambda out: out)
 
     def keep(self, output: Any, threshold: float | None = None) -> Any:
         """What counts as polyp in ``output``: the mask of a map, the boxes scoring enough (default: the predictor's
@@ -209,7 +223,7 @@ class Predictor:
 
 def trained_predictor(backend: Backend, meta: dict, threshold: float | None = None, batch_size: int = 16,
                       source: str = "") -> Predictor:
-    """The predictor of a trained model's ``backend`` and its metadata (``image_size``, ``threshold``);
-    ``threshold`` overrides the stored one."""
+    """The predictor of a trained model's ``backend`` and its metadata (``image_size``, ``threshold``, a
+    segmenter's ``smoothing``); ``threshold`` overrides the stored one."""
     chosen = meta["threshold"] if threshold is None else threshold
-    return Predictor(backend, int(meta["image_size"]), float(chosen), batch_size, source)
+    return Predictor(backend, int(meta["image_size"]), float(chosen), batch_size, source, Smoothing.of(meta))

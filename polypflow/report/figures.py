@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # figures to PNG bytes, never a window: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from polypflow.evaluate.seg_metrics import MODEL_DICE  # noqa: E402
@@ -148,6 +149,32 @@ def distribution_figure(methods: list[MethodResults]) -> bytes:
             ax.scatter(i + rng.uniform(-0.18, 0.18, len(v)), v, s=5, alpha=0.35, color="tab:blue")
         ax.set(title=f"{dataset} ({m_protocol(methods, dataset)})", ylabel="Dice per image", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3, axis="y")
+    return png(fig)
+
+
+def pareto_figure(points: pd.DataFrame, published: pd.DataFrame, xlabel: str) -> bytes:
+    """Accuracy against speed: our points (``pareto_points``: colour per method, circle fp32, square int8) with their
+    Pareto front as a step line; published points as grey stars, published maps without an FPS of ours as dotted
+    horizontal lines."""
+    fig, (ax,) = _axes(1, width=7.0, height=4.4)
+    colours = matplotlib.colormaps["tab10"].colors
+    for i, (method, part) in enumerate(points.groupby("method", sort=False)):
+        for precision, marker in (("fp32", "o"), ("int8", "s")):
+            row = part[part["precision"] == precision]
+            ax.scatter(row["FPS"], row["mean Dice"], marker=marker, s=40, color=colours[i % len(colours)],
+                       label=f"{method} {precision}")
+    front = points[points["front"] == "yes"].sort_values("FPS")
+    if len(front):
+        ax.step(front["FPS"], front["mean Dice"], where="post", color="grey", ls="--", lw=1, label="Pareto front (ours)")
+    for _, ref in published.iterrows():
+        if np.isnan(ref["FPS"]):
+            ax.axhline(ref["mean Dice"], color="black", ls=":", lw=1, label=ref["label"])
+        else:
+            ax.scatter(ref["FPS"], ref["mean Dice"], marker="*", s=110, color="grey", label=ref["label"])
+    ax.set(xlabel=xlabel, ylabel="mean Dice over test sets")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     return png(fig)
 
 

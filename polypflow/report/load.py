@@ -34,6 +34,8 @@ class MethodResults:
     title: str = ""
     external: bool = False
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-epoch training curve (history.csv)
+    stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # per video sequence (stability.csv)
+    int8: dict | None = None  # export's int8 check (int8/check.json): quantised or why not, Dice of both graphs
 
     @property
     def label(self) -> str:
@@ -80,14 +82,16 @@ def load_method(params: Params, method: str) -> MethodResults:
     files = method_layout(params, method)
     return MethodResults(method, params.method_arch(method)[0], *read_evaluation(files, "evaluate"), files.eval_dir,
                          read_json(files.profile), read_json(files.metrics) or {}, read_json(files.registered) or {},
-                         history=read_csv(files.history))
+                         history=read_csv(files.history), stability=read_csv(files.eval_table("stability")),
+                         int8=read_json(files.int8_check))
 
 
 def load_external(params: Params, name: str) -> MethodResults:
     """Read the evaluation of external method ``name`` (``external.<name>`` of params)."""
     spec, files = params.external[name], method_layout(params, name)
     return MethodResults(name, spec.arch, *read_evaluation(files, "evaluate_external"), files.eval_dir, None,
-                         {"threshold": spec.threshold}, {}, title=spec.title, external=True)
+                         {"threshold": spec.threshold}, {}, title=spec.title, external=True,
+                         stability=read_csv(files.eval_table("stability")))
 
 
 def load_methods(params: Params) -> list[MethodResults]:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from polypflow.settings.config import Params
 from polypflow.evaluate.seg_metrics import MODEL_DICE
+from polypflow.evaluate.stability import FILM
 from polypflow.data.boxes import kvasir_agreement
 from polypflow.data.images import by_image_key
 from polypflow.report import figures as fig
@@ -162,13 +163,47 @@ def curve_sections(methods: list[MethodResults], params: Params) -> list[Section
     return [curves, cases, gradcam]
 
 
-def cost_sections(methods: list[MethodResults], crossval: dict | None) -> list[Section]:
+def stability_section(methods: list[MethodResults], params: Params) -> Section:
+    """Temporal stability per method over the test sets' video sequences, and each least stable sequence as a film."""
+    video = params.video
+    section = Section("Temporal stability").text(
+        "Colonoscopy is video: a mask that flickers from frame to frame is unusable at the scope. For each pair of "
+        "consecutive test frames of a video sequence, flicker = the fraction of the frame whose predicted label flips "
+        "where the true label does not (changes the polyp's motion does not explain; 0.01: one pixel in a hundred), "
+        "averaged per sequence. A false alarm is a frame whose "
+        "prediction holds a region (>= detection.min_box_area px) touching no truth pixel. Figures are means over "
+        f"sequences with a {params.report.confidence:.0%} bootstrap interval over sequences. A sequence with fewer "
+        f"than {video.min_frames} test frames, or whose test frames lie more than {video.max_gap:g} frames apart on "
+        "average, is a fragment: listed below, never aggregated (the PraNet protocol's ClinicDB test frames are such "
+        "fragments). Smoothed: the moving average over frames chosen on the validation sequences (video.smoothing), "
+        "applied along whole sequences; 'on' when the model ships it on, so that predict, serving and the per-image "
+        "scores above use it.")
+    table = tables.stability_table(methods)
+    if not len(table):
+        return section.text("No test set with video sequences was evaluated (datasets.yaml: sequences).")
+    section.table(table, "Flicker and false-alarm rate per method and test set (whole sequences)")
+    section.table(tables.sequence_table(methods), "Test frames per sequence")
+    for m in methods:
+        filmed = m.stability[m.stability["filmed"].astype(bool)] if "filmed" in m.stability else m.stability
+        for _, row in filmed.iterrows() if "filmed" in m.stability else ():
+            path = m.eval_dir / "cases" / FILM.format(dataset=row["dataset"])
+            if path.exists():
+                section.figure(f"film_{m.name}_{row['dataset']}", path.read_bytes(),
+                               f"{m.label} · {row['dataset']} · least stable sequence {row['sequence']} "
+                               f"(frames {row['first_frame']}-{row['last_frame']}, flicker {row['flicker']:.4f}, "
+                               f"{row['variant']}): frames above, prediction (red) and truth outline (green) below.")
+    return section
+
+
+def cost_sections(methods: list[MethodResults], crossval: dict | None, papers: dict,
+                  figures: pd.DataFrame) -> list[Section]:
     cost = Section("Model cost")
     table = tables.profile_table(methods)
     if len(table):
         cost.text("From artifacts/profile/<method>/profile.json: MACs by torch.utils.flop_counter, latency p50/p95 "
                   "and FPS on the device named, PyTorch vs ONNX Runtime (same input size and batch). A paper's FPS "
                   "comes from its own GPU: see 'like with like' above.").table(table)
+        pareto_blocks(cost, methods, papers, figures)
     else:
         cost.text("No profile.json found (run `dvc repro profile@<method>`).")
     cv = Section("Cross-validation")
@@ -183,6 +218,25 @@ def cost_sections(methods: list[MethodResults], crossval: dict | None) -> list[S
     else:
         cv.text("No cross-validation summary found.")
     return [cost, cv]
+
+
+def pareto_blocks(cost: Section, methods: list[MethodResults], papers: dict, figures: pd.DataFrame) -> None:
+    """The ONNX Runtime grid (fp32/int8 × size × threads) and the accuracy-vs-FPS chart with its Pareto front."""
+    grid, setting = tables.ort_grid_table(methods), tables.chart_setting(methods)
+    if setting is None:
+        return
+    points, published = tables.pareto_points(methods), tables.published_points(methods, papers, figures)
+    device = next((f" ({m.profile.get('device_name') or m.profile['device']})" for m in methods if m.profile), "")
+    cost.table(grid, "ONNX Runtime on the CPU (profile.ort_sizes × profile.ort_threads): fp32 and int8 graphs rebuilt "
+                     "from each checkpoint at each size; int8: static QDQ, calibrated on training images")
+    cost.figure("pareto", fig.pareto_figure(points, published, f"ONNX Runtime FPS at {setting[0]} px, {setting[1]} "
+                                                                 f"threads{device}"),
+                f"Accuracy against speed: each segmenter's fp32 and int8 graph at {setting[0]} px with {setting[1]} "
+                "threads (both shown, not the better of the two), Dice at the size it was trained at ('trained at'); "
+                "the dashed step is our Pareto front. Published maps scored here have no FPS of ours (dotted lines); "
+                "a published CPU point (star) is not like with like: its own data, protocol and CPU.")
+    cost.table(points, "The chart's points (int8 Dice from export's check, int8/check.json)")
+    cost.table(published, "Beside them: published maps scored here, published CPU figures (references/paper_figures.yaml)")
 
 
 def significance_section(methods: list[MethodResults], cfg, seed: int) -> tuple[Section, pd.DataFrame]:
@@ -328,8 +382,8 @@ def build(params: Params, methods: list[MethodResults], crossval: dict | None, l
             for m in detectors) + ". Best boxes from a segmenter's mask components: " + best_mask_boxes(methods) + ".")
     sections = [summary, overview,
                 *results_sections(methods, papers, figures, crossval, params, splits),
-                *curve_sections(methods, params), *detection_sections(every, params),
-                *cost_sections(every, crossval), significance, leakage_section(pairs, leak_summary, facts)]
+                *curve_sections(methods, params), stability_section(methods, params), *detection_sections(every, params),
+                *cost_sections(every, crossval, papers, figures), significance, leakage_section(pairs, leak_summary, facts)]
     facts_out = {"methods": [m.name for m in every if not m.external],
                  "external": [m.name for m in methods if m.external], "scheme": splits["scheme"],
                  "champion": (tables.champion(methods) or [None])[0],

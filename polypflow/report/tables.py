@@ -173,6 +173,60 @@ def profile_table(methods: list[MethodResults]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ort_grid_table(methods: list[MethodResults]) -> pd.DataFrame:
+    """ONNX Runtime on the CPU, fp32 and int8, at each size and thread count of each method's profile (``ort_grid``)."""
+    rows = [{"method": m.label, "precision": r["precision"], "size": r["size"], "threads": r["threads"],
+             "batch": r["batch"], "p50 ms": r["p50_ms"], "p95 ms": r["p95_ms"], "FPS": r["fps"]}
+            for m in methods for r in (m.profile or {}).get("ort_grid", [])]
+    return pd.DataFrame(rows)
+
+
+def mean_dice(m: MethodResults) -> float:
+    """The unweighted mean over test sets of the mDice at the method's threshold."""
+    return float(np.mean([s[MODEL_DICE] for s in m.summary.values()]))
+
+
+def chart_setting(methods: list[MethodResults]) -> tuple[int, int] | None:
+    """(size, threads) of the accuracy-vs-FPS chart: the largest size and most threads of the profiles' ORT grids."""
+    grid = [r for m in methods for r in (m.profile or {}).get("ort_grid", [])]
+    return (max(r["size"] for r in grid), max(r["threads"] for r in grid)) if grid else None
+
+
+def pareto_points(methods: list[MethodResults]) -> pd.DataFrame:
+    """Each segmenter of ours as fp32 and int8 points: ORT FPS at :func:`chart_setting` against mean Dice over the
+    test sets (fp32: the evaluation's; int8: the export check's, both at the method's threshold at the masks'
+    resolution, with the model at the size it was trained at: ``trained at``); ``front``: on the Pareto front of
+    these points (no other is at least as fast and as accurate)."""
+    setting, rows = chart_setting(methods), []
+    for m in (m for m in methods if not m.external and not m.detector and m.summary):
+        dice = {"fp32": mean_dice(m)}
+        if (m.int8 or {}).get("quantised"):
+            dice["int8"] = float(np.mean([s["int8"] for s in m.int8["test_sets"].values()]))
+        for r in (m.profile or {}).get("ort_grid", []):
+            if (r["size"], r["threads"]) == setting and r["precision"] in dice:
+                rows.append({"method": m.label, "precision": r["precision"], "trained at": m.image_size,
+                             "size": r["size"], "threads": r["threads"], "FPS": r["fps"],
+                             "mean Dice": dice[r["precision"]]})
+    table = pd.DataFrame(rows, columns=["method", "precision", "trained at", "size", "threads", "FPS", "mean Dice"])
+    fps, dice = table["FPS"].to_numpy(), table["mean Dice"].to_numpy()
+    dominated = [bool(np.any((fps >= f) & (dice >= d) & ((fps > f) | (dice > d)))) for f, d in zip(fps, dice)]
+    return table.assign(front=["no" if d else "yes" for d in dominated])
+
+
+def published_points(methods: list[MethodResults], papers: dict, figures: pd.DataFrame) -> pd.DataFrame:
+    """What the chart draws beside our points: published maps scored here (mean Dice, no FPS of ours) and each
+    paper measured on a CPU (``device_kind: cpu``) with a Dice and an FPS figure of one variant."""
+    rows = [{"label": f"{m.label}: FPS not measured here", "FPS": np.nan, "mean Dice": mean_dice(m),
+             "note": "maps scored here"} for m in methods if m.external and m.summary]
+    cpu = figures[figures["paper"].map(lambda p: papers[p].get("device_kind") == "cpu")]
+    for (paper, variant), part in cpu.groupby(["paper", "variant"], sort=False):
+        value = dict(zip(part["metric"], part["value"]))
+        if {"dice", "fps"} <= set(value):
+            rows.append({"label": f"{variant} (published, not like-with-like)", "FPS": float(value["fps"]),
+                         "mean Dice": float(value["dice"]), "note": papers[paper].get("device") or ""})
+    return pd.DataFrame(rows, columns=["label", "FPS", "mean Dice", "note"])
+
+
 def registry_table(methods: list[MethodResults]) -> pd.DataFrame:
     rows = []
     for m in methods:
@@ -198,3 +252,41 @@ def champion(methods: list[MethodResults]) -> tuple[str, str] | None:
         return None
     version, method, name = max(made)
     return method, f"{name} v{version}"
+
+
+def interval(summary: dict, key: str, digits: int = 4) -> str:
+    """``mean [low, high]`` of a stability figure in a test set's summary ('' when it has none)."""
+    if summary.get(key) is None:
+        return ""
+    return f"{summary[key]:.{digits}f} [{summary[f'{key}_low']:.{digits}f}, {summary[f'{key}_high']:.{digits}f}]"
+
+
+def stability_table(methods: list[MethodResults]) -> pd.DataFrame:
+    """Per method and test set with video sequences: flicker and false alarms with their intervals over whole
+    sequences, raw and with the model's smoothing (its weight; 'on' when it ships on)."""
+    rows = []
+    for m in methods:
+        for dataset, s in m.summary.items():
+            if "video_n_sequences" not in s:
+                continue
+            row = {"method": m.label, "test set": dataset, "sequences": s["video_n_sequences"],
+                   "fragments": s["video_n_fragments"], "frames": s["video_n_frames"],
+                   "flicker": interval(s, "video_flicker"), "false alarms": interval(s, "video_false_alarm_rate", 3),
+                   "Dice": s.get("video_dice")}
+            if "video_smoothed_n_sequences" in s:
+                row.update({"smoothing w": f"{s['video_smoothing_ema']:g}" + (" (on)" if s["video_smoothing_on"] else " (off)"),
+                            "flicker, smoothed": interval(s, "video_smoothed_flicker"),
+                            "false alarms, smoothed": interval(s, "video_smoothed_false_alarm_rate", 3),
+                            "Dice, smoothed": s.get("video_smoothed_dice")})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sequence_table(methods: list[MethodResults]) -> pd.DataFrame:
+    """Each test sequence's frames in the test set (the first method's stability.csv that has them)."""
+    for m in methods:
+        if len(m.stability):
+            raw = m.stability[m.stability["variant"] == "raw"]
+            return raw[["dataset", "sequence", "n_frames", "first_frame", "last_frame", "mean_gap", "fragment"]] \
+                .rename(columns={"n_frames": "test frames", "mean_gap": "mean gap"}).reset_index(drop=True)
+    return pd.DataFrame()

@@ -7,7 +7,7 @@ error that names the file and the key, never a silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -186,6 +186,31 @@ class Evaluate(Strict):
     cases: int = Field(3, ge=0)  # best and worst images per test set drawn as overlays
 
 
+class Smoothing(Strict):
+    """``video.smoothing``: the moving average of probabilities over past frames (:mod:`polypflow.infer.temporal`)."""
+
+    enabled: bool                                   # shipped on with the model: predict, serving, evaluate apply it
+    ema: list[float] = Field(min_length=1)          # candidate weights of the current frame, tuned by train@
+    max_dice_drop: float = Field(ge=0)              # the weight chosen costs at most this much validation Dice
+
+    @field_validator("ema")
+    @classmethod
+    def _weights(cls, value: list[float]) -> list[float]:
+        if not all(0 < w <= 1 for w in value):
+            raise ValueError(f"each weight must be in (0, 1], got {value}")
+        return value
+
+
+class Video(Strict):
+    """``video``: video input (predict --video) and temporal stability (evaluate@, :mod:`polypflow.evaluate.stability`)."""
+
+    batch_size: int = Field(ge=1)                   # frames per inference batch while decoding runs ahead
+    min_frames: int = Field(ge=2)                   # a test sequence with fewer frames is a fragment, not aggregated
+    max_gap: float = Field(ge=1)                    # ... as is one whose frames lie further apart on average
+    film_frames: int = Field(ge=1)                  # frames in the report's film strip of the least stable sequence
+    smoothing: Smoothing
+
+
 class ExternalMethod(Strict):
     """Another method's own prediction maps, scored by ``evaluate`` exactly like our models' (``evaluate@<name>``).
 
@@ -212,11 +237,16 @@ class Report(Strict):
 
 
 class Profile(Strict):
+    """profile@: MACs at ``macs_image_size``; latency at the method's size; ONNX Runtime fp32 and int8 at batch 1
+    for every size of ``ort_sizes`` × thread count of ``ort_threads`` (graphs rebuilt at each size)."""
+
     macs_image_size: int = Field(ge=32)
     batch_size: int = Field(1, ge=1)
     warmup: int = Field(ge=0)
     iterations: int = Field(ge=1)
     threads: int | None = None
+    ort_sizes: list[Annotated[int, Field(ge=32)]]
+    ort_threads: list[Annotated[int, Field(ge=1)]]
 
 
 class Detection(Strict):
@@ -234,8 +264,15 @@ class Detection(Strict):
 
 
 class Export(Strict):
+    """export@: the fp32 graph (``atol``: its largest difference to PyTorch) and its int8 quantisation, calibrated on
+    ``int8_calibration_images`` of the method's training images and checked on every test set: mDice at most
+    ``int8_max_dice_drop`` below the fp32 graph's (else recorded as outside the budget, not failed)."""
+
     opset: int = Field(ge=17)
     atol: float = Field(gt=0)
+    int8_calibration_images: int = Field(ge=1)
+    int8_max_dice_drop: float = Field(ge=0)
+    int8_reduce_range: bool                  # 7-bit weights: no saturating u8 x s8 products on CPUs without VNNI
 
 
 class Schedule(Strict):
@@ -291,6 +328,7 @@ class Params(Strict):
     fanout: Fanout = Fanout()
     team: Team = Team()
     report: Report = Report()
+    video: Video
 
     @model_validator(mode="after")
     def _methods_known(self) -> Params:
@@ -317,6 +355,10 @@ class Params(Strict):
                 raise ValueError("; ".join(f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
                                            for err in exc.errors())) from None
         return self
+
+    def video_datasets(self) -> list[str]:
+        """The datasets whose images are frames of video sequences (``sequences`` in datasets.yaml)."""
+        return [key for key, spec in self.ingest.datasets.items() if spec.sequences]
 
     def method_arch(self, method: str) -> tuple[str, dict[str, Any]]:
         """Registered architecture name and builder kwargs of configured method ``method``."""

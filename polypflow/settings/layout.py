@@ -61,7 +61,7 @@ class MethodLayout:
         return self.eval_dir / "summary.json"
 
     def eval_table(self, name: str) -> Path:
-        """``per_image``, ``pr``, ``sweep`` or ``curves`` (CSV)."""
+        """``per_image``, ``pr``, ``sweep``, ``curves`` or ``stability`` (CSV)."""
         return self.eval_dir / f"{name}.csv"
 
     @property
@@ -84,6 +84,19 @@ class MethodLayout:
     @property
     def parity(self) -> Path:
         return self._dir("export") / "parity.json"
+
+    @property
+    def int8_dir(self) -> Path:
+        """The int8 graph (``model.onnx``, absent where the task does not quantise) and its ``check.json``."""
+        return self._dir("export") / "int8"
+
+    @property
+    def int8_onnx(self) -> Path:
+        return self.int8_dir / "model.onnx"
+
+    @property
+    def int8_check(self) -> Path:
+        return self.int8_dir / "check.json"
 
     @property
     def profile(self) -> Path:

@@ -9,7 +9,7 @@ a served model needs no settings file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -21,6 +21,7 @@ from torch import nn
 from polypflow.data.images import ImageSet
 from polypflow.evaluate.runner import Scorer, Source
 from polypflow.infer.predictor import Predictor
+from polypflow.infer.temporal import Smoothing
 from polypflow.settings.config import Params, Recipe
 from polypflow.train.engine import TrainingTask
 
@@ -47,6 +48,10 @@ class Task(TrainingTask, Protocol):
         """What a trained model's metadata carries beyond the common keys (e.g. a detector's decoding)."""
     def val_scores(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> np.ndarray:
         """Each validation image's score at ``threshold`` (promotion compares these image by image)."""
+    def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
+                   device: torch.device) -> dict[str, Any]:
+        """What a trained model's metadata carries for video, chosen on the validation ``sequences`` (indices of
+        ``val`` in frame order): a segmenter's smoothing."""
 
     # inference
     @classmethod
@@ -57,14 +62,17 @@ class Task(TrainingTask, Protocol):
     def check_threshold(cls, threshold: float) -> None:
         """A :class:`ValueError` for a threshold that means nothing (the same rule for the CLI and the server)."""
     @classmethod
-    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
-        """One image's answer (the ``answer_columns``), its overlay drawing, and its mask (None without one)."""
+    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float,
+               output: Any = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+        """One image's answer (the ``answer_columns``), its overlay drawing, and its mask (None without one);
+        ``output`` is the image's prediction when the caller has it (a video's frames, predicted in batches)."""
 
     # evaluation
     def test_source(self, predictor: Predictor, meta: dict, facts: pd.DataFrame) -> Source:
         """A test set's outputs, as the scorer takes them."""
-    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path) -> Scorer:
-        """How one test set is scored, summarised and drawn (outputs from :meth:`test_source`)."""
+    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path, smoothing: Smoothing = Smoothing()) -> Scorer:
+        """How one test set is scored, summarised and drawn (outputs from :meth:`test_source`), its video sequences
+        with the model's ``smoothing`` as it ships (a segmenter's)."""
     def explain(self, model: nn.Module, meta: dict, facts: pd.DataFrame, keys: Sequence[str], out: Path) -> list[Path]:
         """Explanations of the first test images (a segmenter's Grad-CAM panels) in ``out``; returns their files."""
 
@@ -72,3 +80,10 @@ class Task(TrainingTask, Protocol):
     @classmethod
     def export(cls, model: nn.Module, meta: dict, path: Path, opset: int) -> tuple[float, dict[str, Any]]:
         """Write the ONNX graph to ``path``; its largest difference from PyTorch and what the parity report says."""
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray]) -> str:
+        """Write the int8 graph of the exported ``fp32`` graph to ``dst``, calibrated on ``calibration`` (the
+        graph's input batches: training images); '' when written, else why this task's graph is not quantised
+        (nothing written, ``calibration`` not read)."""
+    def int8_scores(self, fp32: Path, int8: Path, meta: dict) -> dict[str, Any]:
+        """Both graphs scored on every test set, at the model's threshold as it ships: ``metric`` (what is scored)
+        and ``test_sets`` (dataset -> ``n``, ``fp32``, ``int8``). Only for a graph :meth:`quantize` wrote."""

@@ -19,7 +19,7 @@ components (OpenCV), COCO AP (torchmetrics on pycocotools) are not.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,12 +37,15 @@ from polypflow.evaluate.runner import Scorer, Source, TestSetScores, json_number
 from polypflow.infer.device import CPU
 from polypflow.infer.onnx import DeployGraph, anchor_boxes, detector_parity, export_onnx
 from polypflow.infer.predictor import BoxBackend, Decoding, Predictor, trained_predictor
+from polypflow.infer.temporal import Smoothing
 from polypflow.io import write_png
 from polypflow.settings.config import Params, Recipe
 from polypflow.train.gfl.losses import detection_loss_terms
 from polypflow.viz import box_case, draw_boxes
 
 LOSS = "gfl"  # a detector's recipe names its loss: GFLv2's (quality focal + distribution focal + GIoU)
+INT8_DECLINED = ("not quantised: an int8 graph ships only with its accuracy checked against fp32, and the detector's "
+                 "check (box AP of both graphs after the same NMS, per test set) is not implemented yet")
 
 
 class DetectionTask:
@@ -110,6 +113,11 @@ class DetectionTask:
         d = self.decoding
         return {"decode": {"score_threshold": d.score_threshold, "nms_iou": d.nms_iou, "max_detections": d.max_detections}}
 
+    def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
+                   device: torch.device) -> dict[str, Any]:
+        """Nothing: a detector's boxes are not smoothed over frames (its stability is not measured either)."""
+        return {}
+
     def val_scores(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> np.ndarray:
         if not len(val.keys):
             return np.zeros(0)
@@ -131,8 +139,9 @@ class DetectionTask:
             raise ValueError(f"threshold must be in [0, 1) (a box counts from this score), got {threshold}")
 
     @classmethod
-    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray, None]:
-        detections = predictor.predict([image])[0]
+    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float,
+               output: Detections | None = None) -> tuple[dict[str, Any], np.ndarray, None]:
+        detections = predictor.predict([image])[0] if output is None else output
         found = predictor.keep(detections, threshold)
         boxes = [[round(v, 2) for v in box] + [round(score, 4)]
                  for box, score in zip(found.boxes.tolist(), found.scores.tolist(), strict=True)]
@@ -154,7 +163,8 @@ class DetectionTask:
 
         return detections
 
-    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path) -> Scorer:
+    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path, smoothing: Smoothing = Smoothing()) -> Scorer:
+        """Boxes per image: no smoothing over frames, no stability table."""
         cfg = self.params
 
         def score(dataset: str, keys: list[str], predictions: Sequence[Detections]) -> TestSetScores:
@@ -208,3 +218,11 @@ class DetectionTask:
         extra = {"output": "boxes N x A x 4 (x1 y1 x2 y2, pixels) and scores N x A before NMS; NMS after the graph "
                            "(models.gfl_atss.postprocess)", "decode": meta["decode"], "detections": check}
         return max(check["boxes_max_abs"], check["scores_max_abs"]), extra
+
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray]) -> str:
+        """Not quantised: a graph ships only with its accuracy checked, and a detector's check (box AP of the int8
+        graph against fp32 after the same NMS, on every test set) is not written yet."""
+        return INT8_DECLINED
+
+    def int8_scores(self, fp32: Path, int8: Path, meta: dict) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.name}: {INT8_DECLINED}")

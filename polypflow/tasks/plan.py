@@ -1,10 +1,12 @@
 """A configured method resolved once into a :class:`MethodPlan` (architecture, builder kwargs, recipe, images,
-task) that train, crossval and lr_search all fit through :func:`fit_plan`."""
+task) that train, crossval and lr_search all fit through :func:`fit_plan`; the training images its int8 graph is
+calibrated on (:func:`calibration_batches`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 from torch import nn
 
 from models import build_model, check_kwargs
-from polypflow.data.images import load_image_set, read_facts
+from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.data.splits import read_test_lists
 from polypflow.infer.device import resolve_device
 from polypflow.settings.config import Params, ParamsError, Recipe
@@ -59,6 +61,18 @@ def plan_method(params: Params, method: str, train_keys: list[str], val_keys: li
     task = method_task(params, method, recipe)
     return MethodPlan(method, arch, kwargs, recipe, subsample(train_keys, recipe.max_train_items, params.seed + seed_offset),
                       list(val_keys), params.seed, task)
+
+
+def calibration_batches(params: Params, method: str, size: int) -> Iterator[np.ndarray]:
+    """``export.int8_calibration_images`` of the images ``method`` trained on (a seeded subset of its plan's
+    training keys), at ``size`` px, as the exported graph takes them: one float32 1×3×S×S RGB batch in [0, 1] each.
+    Loaded on the first ``next`` (a task that does not quantise loads nothing)."""
+    splits = read_splits(params)
+    keys = plan_method(params, method, splits["train"], splits["val"]).train_keys
+    chosen = subsample(keys, params.export.int8_calibration_images, params.seed)
+    data = load_image_set(read_facts(params), chosen, size, params.validate_.mask_threshold, params.paths.cache)
+    for image in data.images:
+        yield image.transpose(2, 0, 1)[None].astype(np.float32) / 255
 
 
 def method_task(params: Params, method: str, recipe: Recipe) -> Task:

@@ -10,7 +10,7 @@ panels explain the first test images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,15 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polypflow.data.images import ImageSet, SegDataset, load_image_set, read_image, read_mask
+from polypflow.data.images import (ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask,
+                                   read_splits)
 from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
 from polypflow.evaluate.gradcam import save_panels
 from polypflow.evaluate.runner import (Scorer, Source, TestSetScores, json_number, rows_of, sweep_thresholds,
                                        workers)
+from polypflow.evaluate.stability import (FILM, SEQUENCE_COLUMNS, VideoScores, film_strip, frame_number, sequences_of,
+                                           smooth_whole, tune_smoothing, video_scores)
 from polypflow.evaluate.seg_metrics import LEVELS, MODEL_DICE, TOOLBOX_CURVES, dice_batch, score_image, summarize
 from polypflow.infer.device import CPU
-from polypflow.infer.onnx import DeployGraph, export_onnx, parity, probability
-from polypflow.infer.predictor import Predictor, TorchBackend, to_resolution, trained_predictor
+from polypflow.infer.onnx import DeployGraph, export_onnx, onnx_session, parity, probability, quantize_int8
+from polypflow.infer.predictor import OnnxBackend, Predictor, TorchBackend, to_resolution, trained_predictor
+from polypflow.infer.temporal import Smoothing
 from polypflow.io import write_png
 from polypflow.settings.config import Params, Recipe
 from polypflow.train.losses import build_loss
@@ -116,6 +120,17 @@ class SegmentationTask:
     def meta(self) -> dict[str, Any]:
         return {}
 
+    def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
+                   device: torch.device) -> dict[str, Any]:
+        """The moving average over frames with the least flicker on the validation sequences at a Dice cost of at
+        most ``video.smoothing.max_dice_drop`` (:func:`polypflow.evaluate.stability.tune_smoothing`)."""
+        cfg = self.params.video.smoothing
+        frames = sorted({i for seq in sequences for i in seq})
+        where = {i: n for n, i in enumerate(frames)}
+        probs = predict_probs(model, val.images[frames], self.recipe.normalize, device, self.recipe.channels_last)
+        return {"smoothing": tune_smoothing(probs, val.masks[frames], [[where[i] for i in seq] for seq in sequences],
+                                            threshold, cfg.ema, cfg.max_dice_drop, cfg.enabled)}
+
     def val_scores(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> np.ndarray:
         if not len(val.keys):
             return np.zeros(0)
@@ -136,8 +151,9 @@ class SegmentationTask:
             raise ValueError(f"threshold must be in (0, 1) (a pixel is polyp from this probability), got {threshold}")
 
     @classmethod
-    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-        prob = predictor.predict([image])[0]
+    def answer(cls, predictor: Predictor, image: np.ndarray, threshold: float,
+               output: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        prob = predictor.predict([image])[0] if output is None else output
         mask = predictor.keep(prob, threshold)
         row = {"polyp_fraction": float(mask.mean()), "max_probability": float(prob.max())}
         return row, draw_overlay(image, mask), mask
@@ -154,17 +170,47 @@ class SegmentationTask:
 
         return maps
 
-    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path) -> Scorer:
+    def scorer(self, threshold: float, facts: pd.DataFrame, cases_dir: Path, smoothing: Smoothing = Smoothing()) -> Scorer:
+        video = set(self.params.video_datasets())
+
         def score(dataset: str, keys: list[str], probs: Sequence[np.ndarray]) -> TestSetScores:
+            sequences = sequences_of(facts, keys, video) if dataset in video else {}
+            stability = self.score_video(dataset, keys, probs, sequences, threshold, facts, smoothing, cases_dir)
+            if smoothing.active:
+                numbers = {i: frame_number(keys[i]) for seq in sequences.values() for i in seq}
+                probs = smooth_whole(probs, sequences, numbers, self.params.video, smoothing)
             tables, summary = self.score_maps(keys, probs, threshold, facts)
             cases = self.draw_cases(tables["per_image"], probs, dataset, facts, threshold, cases_dir)
             fixed = self.params.evaluate.threshold
             line = (f"mDice@{threshold:.2f} {summary[MODEL_DICE]:.4f}"
                     + ("" if threshold == fixed else f" (mDice@{fixed:.2f} {summary['dice']:.4f})")
                     + f" meanDic {summary['tb_dice']:.4f} S {summary['sm']:.4f}")
-            return TestSetScores(tables, summary, cases, line)
+            if stability.summary.get("video_flicker") is not None:
+                line += f" flicker {stability.summary['video_flicker']:.4f}"
+            summary.update({k: json_number(v) for k, v in stability.summary.items()})
+            return TestSetScores({**tables, "stability": stability.table}, summary, cases, line)
 
         return score
+
+    def score_video(self, dataset: str, keys: list[str], probs: Sequence[np.ndarray], sequences: dict[str, list[int]],
+                    threshold: float, facts: pd.DataFrame, smoothing: Smoothing, cases_dir: Path) -> VideoScores:
+        """Stability of one test set's maps over its sequences (none for a set of stills) and the film strip of the
+        least stable one (:data:`~polypflow.evaluate.stability.FILM`)."""
+        if not sequences:
+            return VideoScores(pd.DataFrame(columns=[*SEQUENCE_COLUMNS, "variant", "filmed"]), {}, None)
+        cfg, rows = self.params, rows_of(facts, keys)
+        with ThreadPoolExecutor(workers()) as pool:
+            truth = list(pool.map(lambda path: read_mask(path, cfg.validate_.mask_threshold), rows["mask_path"]))
+        scores = video_scores(keys, probs, truth, sequences, threshold, cfg.video, cfg.detection.min_box_area, smoothing,
+                              cfg.report.n_boot, cfg.seed, cfg.report.confidence)
+        if scores.filmed is not None:
+            seq = sequences[scores.filmed]
+            shown = smooth_whole(probs, {scores.filmed: seq}, {i: frame_number(keys[i]) for i in seq}, cfg.video,
+                                 smoothing) if smoothing.active else probs
+            strip = film_strip([read_image(rows["image_path"].iloc[i]) for i in seq], [truth[i] for i in seq],
+                               [shown[i] for i in seq], threshold, cfg.video.film_frames)
+            write_png(cases_dir / FILM.format(dataset=dataset), strip)
+        return scores
 
     def score_maps(self, keys: list[str], probs: Sequence[np.ndarray], threshold: float,
                    facts: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], dict]:
@@ -241,3 +287,35 @@ class SegmentationTask:
         graph = DeployGraph(model, probability, meta["mean"], meta["std"])
         export_onnx(graph, path, meta["image_size"], opset, cls.onnx_outputs)
         return parity(graph, path, meta["image_size"]), {"output": "N x 1 x S x S polyp probability"}
+
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray]) -> str:
+        """Static int8, QDQ (:func:`~polypflow.infer.onnx.quantize_int8`), 7-bit weights when
+        ``export.int8_reduce_range``."""
+        quantize_int8(fp32, dst, calibration, self.params.export.int8_reduce_range)
+        return ""
+
+    def int8_scores(self, fp32: Path, int8: Path, meta: dict) -> dict[str, Any]:
+        """mDice at the model's threshold of each graph's maps on every test set of splits.json, each map at its
+        mask's original resolution, as :meth:`score_maps` scores them."""
+        cfg, size, threshold = self.params, int(meta["image_size"]), float(meta["threshold"])
+        facts = read_facts(cfg)
+        graphs = [Predictor(OnnxBackend(onnx_session(path)), size, threshold) for path in (fp32, int8)]
+        sets = {}
+        for dataset, keys in read_splits(cfg)["test"].items():
+            if keys:
+                data = load_image_set(facts, keys, size, cfg.validate_.mask_threshold, cfg.paths.cache)
+                dice = self.dice_at_masks(keys, [g.predict_resized(data.images) for g in graphs], threshold, facts)
+                sets[dataset] = {"n": len(keys), "fp32": float(dice[0].mean()), "int8": float(dice[1].mean())}
+        return {"metric": f"mDice@{threshold:g} at the masks' resolution", "test_sets": sets}
+
+    def dice_at_masks(self, keys: list[str], maps: Sequence[np.ndarray], threshold: float,
+                      facts: pd.DataFrame) -> np.ndarray:
+        """Dice at ``threshold`` of each image of ``keys`` (columns) in each of ``maps`` (rows: maps of ``keys``
+        at the model's size), each map at its mask's original resolution."""
+        def one(item: tuple[int, str]) -> list[float]:
+            i, mask_path = item
+            gt = read_mask(mask_path, self.params.validate_.mask_threshold)
+            return [float(dice_batch(to_resolution(m[i], gt.shape)[None], gt[None], threshold)[0]) for m in maps]
+
+        with ThreadPoolExecutor(workers()) as pool:
+            return np.array(list(pool.map(one, enumerate(rows_of(facts, keys)["mask_path"])))).reshape(len(keys), -1).T

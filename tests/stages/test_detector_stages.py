@@ -65,6 +65,8 @@ def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_
 
     report = export.run(params, "det")
     assert report["max_abs_diff"] <= params.export.atol and report["detections"]["same_count"]
+    assert report["int8"]["quantised"] is False and "not quantised" in json.loads(files.int8_check.read_text())["reason"]
+    assert not files.int8_onnx.exists()  # the folder DVC caches holds the check only
     cost = profile.run(params, "det")
     assert cost["params"] > 0 and cost["onnxruntime"]["p50_ms"] > 0
 

@@ -1,0 +1,67 @@
+"""int8 ONNX (polypflow.infer.onnx.quantize_int8): a QDQ graph whose masks track the fp32 graph's on polyp-like frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from polypflow.data.images import NORMALIZATION, to_tensor
+from polypflow.infer.onnx import DeployGraph, export_onnx, onnx_session, probability, quantize_int8
+from polypflow.evaluate.seg_metrics import dice_batch
+from tests.conftest import make_pair
+
+pytestmark = pytest.mark.quick
+SIZE = 64
+
+
+def frames(first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` synthetic polyp frames (uint8 N×S×S×3) and their masks."""
+    pairs = [make_pair(first + i, SIZE) for i in range(n)]
+    return np.stack([np.asarray(p[0]) for p in pairs]), np.stack([np.asarray(p[1]) > 0 for p in pairs])
+
+
+class TinySegmenter(torch.nn.Module):
+    """Three convolutions to one logit map, returned as the registry's models return theirs (a tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.body(x),)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    """A tiny segmenter fitted to the synthetic polyps (a map worth quantising), exported as the pipeline exports."""
+    torch.manual_seed(0)
+    model, (images, masks) = TinySegmenter(), frames(0, 16)
+    x, y = to_tensor(images, "imagenet"), torch.from_numpy(masks).float()[:, None]
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(60):
+        optimiser.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x)[0], y).backward()
+        optimiser.step()
+    graph = DeployGraph(model.eval(), probability, *NORMALIZATION["imagenet"])
+    return export_onnx(graph, tmp_path_factory.mktemp("int8") / "fp32.onnx", SIZE, 18, ("probability",))
+
+
+def test_int8_graph_is_qdq_and_tracks_fp32_on_polyp_frames(fp32, tmp_path):
+    calibration, _ = frames(100, 8)
+    batches = (image.transpose(2, 0, 1)[None].astype(np.float32) / 255 for image in calibration)
+    int8 = quantize_int8(fp32, tmp_path / "int8.onnx", batches)
+    graph = onnx.load(str(int8)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)  # int8 weights
+    assert list(tmp_path.iterdir()) == [int8]  # the prepared graph and calibration scratch are gone
+
+    images, masks = frames(200, 12)  # frames neither graph saw
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    full, low = (onnx_session(f).run(None, {"image": x})[0][:, 0] for f in (fp32, int8))
+    assert dice_batch(full, masks).mean() > 0.6  # the fitted map finds the polyps ...
+    assert np.abs(low - full).mean() < 0.02      # ... and the int8 map stays close to it
+    assert dice_batch(low, full >= 0.5).mean() > 0.95

@@ -1,0 +1,62 @@
+"""export@'s int8 graph and profile@'s fp32/int8 ORT grid on a tiny trained segmenter; a detector declines int8."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from conftest import REPO, stage_workdir
+from polypflow.settings.config import load_params
+from polypflow.settings.layout import method_layout
+from polypflow.tasks.graphs import int8_check
+from stages import export, ingest, profile, split, train, validate
+
+
+@pytest.fixture
+def trained(tmp_path, synthetic_root, monkeypatch):
+    root = stage_workdir(tmp_path, synthetic_root, monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    params = load_params("params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={
+        "defaults": params.train.defaults.model_copy(update={"epochs": 1})}),
+        "profile": params.profile.model_copy(update={"ort_sizes": [64]})})  # the suite's other projects time no grid
+    for stage in (ingest, validate, split):
+        stage.run(params)
+    train.run(params, "unet")
+    return params
+
+
+def test_export_writes_a_checked_int8_graph_and_profile_times_both_at_each_size(trained):
+    from mlflow import MlflowClient
+
+    params, files = trained, method_layout(trained, "unet")
+    report = export.run(params, "unet")
+    check = json.loads(files.int8_check.read_text())
+    assert check == report["int8"] and check["quantised"] is True
+    assert {n.op_type for n in onnx.load(str(files.int8_onnx)).graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    tested = {d for d, keys in json.loads(params.paths.splits.read_text())["test"].items() if keys}
+    assert set(check["test_sets"]) == tested and check["calibration_images"] == params.export.int8_calibration_images
+    for scores in check["test_sets"].values():
+        assert 0 <= scores["int8"] <= 1 and scores["drop"] == pytest.approx(scores["fp32"] - scores["int8"])
+    assert check["within_budget"] == (check["worst_drop"] <= params.export.int8_max_dice_drop)
+    logged = MlflowClient().get_run(json.loads(files.run_record("export").read_text())["run_id"])
+    assert {f"int8_{d}_dice" for d in tested} | {"int8_within_budget", "int8_worst_dice_drop"} <= set(logged.data.metrics)
+
+    cost = profile.run(params, "unet")
+    grid = {(r["precision"], r["size"], r["threads"]) for r in cost["ort_grid"]}
+    cfg = params.profile
+    assert grid == {(p, s, t) for p in ("fp32", "int8") for s in cfg.ort_sizes for t in cfg.ort_threads}
+    for row in cost["ort_grid"]:
+        assert set(row) == {"precision", "size", "threads", "batch", "p50_ms", "p95_ms", "fps"}
+        assert 0 < row["p50_ms"] <= row["p95_ms"] and row["fps"] == pytest.approx(1e3 * row["batch"] / row["p50_ms"])
+    assert json.loads(files.profile.read_text())["ort_grid"] == cost["ort_grid"]
+
+
+@pytest.mark.quick
+def test_a_detector_declines_int8_and_says_why_without_reading_images(tmp_path):
+    params = load_params(REPO / "params.yaml")  # no data is read: the calibration images stay unloaded
+    fp32, dst = tmp_path / "model.onnx", tmp_path / "int8" / "model.onnx"
+    check = int8_check(params, "gfl_atss_lite0", {"arch": "gfl_atss", "image_size": 64}, fp32, dst)
+    assert check["quantised"] is False and "not quantised" in check["reason"] and not dst.exists()
