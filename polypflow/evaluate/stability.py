@@ -178,27 +178,25 @@ class VideoScores:
     filmed: str | None
 
 
-def smooth_whole(probs: Sequence[np.ndarray], sequences: dict[str, list[int]], numbers: dict[int, int], video: Video,
+def smooth_whole(probs: Sequence[np.ndarray], keys: list[str], sequences: dict[str, list[int]], video: Video,
                  smoothing: Smoothing) -> list[np.ndarray]:
     """``probs`` with each sequence that is not a fragment smoothed along its frames (frames of fragments, far
     apart in the video, as they are)."""
     out = list(probs)
     for seq in sequences.values():
-        if not is_fragment([numbers[i] for i in seq], video.min_frames, video.max_gap):
+        if not is_fragment([frame_number(keys[i]) for i in seq], video.min_frames, video.max_gap):
             for i, smooth in zip(seq, smoothing.apply(probs[i] for i in seq), strict=True):
                 out[i] = smooth
     return out
 
 
-def video_scores(keys: list[str], probs: Sequence[np.ndarray], truth: Sequence[np.ndarray], sequences: dict[str, list[int]],
-                 threshold: float, video: Video, min_area: int, smoothing: Smoothing, n_boot: int, seed: int,
-                 confidence: float) -> VideoScores:
+def video_scores(keys: list[str], probs: Sequence[np.ndarray], smoothed: Sequence[np.ndarray] | None,
+                 truth: Sequence[np.ndarray], sequences: dict[str, list[int]], threshold: float, video: Video,
+                 min_area: int, smoothing: Smoothing, n_boot: int, seed: int, confidence: float) -> VideoScores:
     """Stability of the maps ``probs`` (any size, resized to their masks' ``truth``) over ``sequences`` (indices
-    of ``keys`` in frame order), raw and, when the model has a weight, smoothed."""
+    of ``keys`` in frame order), raw and, when the model has a weight, ``smoothed`` (:func:`smooth_whole`)."""
     numbers = {i: frame_number(keys[i]) for seq in sequences.values() for i in seq}
-    variants = {"raw": probs}
-    if smoothing.ema < OFF:
-        variants["smoothed"] = smooth_whole(probs, sequences, numbers, video, smoothing)
+    variants = {"raw": probs, **({"smoothed": smoothed} if smoothed is not None else {})}
     tables, summary = [], {}
     for variant, maps in variants.items():
         frames = {name: [Frame(numbers[i], to_resolution(maps[i], truth[i].shape) >= threshold, truth[i].astype(bool))

@@ -27,13 +27,13 @@ from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics,
 from polypflow.evaluate.gradcam import save_panels
 from polypflow.evaluate.runner import (Scorer, Source, TestSetScores, json_number, rows_of, sweep_thresholds,
                                        workers)
-from polypflow.evaluate.stability import (FILM, SEQUENCE_COLUMNS, VideoScores, film_strip, frame_number, sequences_of,
-                                           smooth_whole, tune_smoothing, video_scores)
+from polypflow.evaluate.stability import (FILM, SEQUENCE_COLUMNS, VideoScores, film_strip, sequences_of, smooth_whole,
+                                           tune_smoothing, video_scores)
 from polypflow.evaluate.seg_metrics import LEVELS, MODEL_DICE, TOOLBOX_CURVES, dice_batch, score_image, summarize
 from polypflow.infer.device import CPU
 from polypflow.infer.onnx import DeployGraph, export_onnx, onnx_session, parity, probability, quantize_int8
 from polypflow.infer.predictor import OnnxBackend, Predictor, TorchBackend, to_resolution, trained_predictor
-from polypflow.infer.temporal import Smoothing
+from polypflow.infer.temporal import OFF, Smoothing
 from polypflow.io import write_png
 from polypflow.settings.config import Params, Recipe
 from polypflow.train.losses import build_loss
@@ -175,10 +175,12 @@ class SegmentationTask:
 
         def score(dataset: str, keys: list[str], probs: Sequence[np.ndarray]) -> TestSetScores:
             sequences = sequences_of(facts, keys, video) if dataset in video else {}
-            stability = self.score_video(dataset, keys, probs, sequences, threshold, facts, smoothing, cases_dir)
-            if smoothing.active:
-                numbers = {i: frame_number(keys[i]) for seq in sequences.values() for i in seq}
-                probs = smooth_whole(probs, sequences, numbers, self.params.video, smoothing)
+            smoothed = smooth_whole(probs, keys, sequences, self.params.video, smoothing) \
+                if sequences and smoothing.ema < OFF else None
+            shipped = smoothed if smoothing.active else probs
+            stability = self.score_video(dataset, keys, probs, smoothed, shipped, sequences, threshold, facts,
+                                         smoothing, cases_dir)
+            probs = shipped
             tables, summary = self.score_maps(keys, probs, threshold, facts)
             cases = self.draw_cases(tables["per_image"], probs, dataset, facts, threshold, cases_dir)
             fixed = self.params.evaluate.threshold
@@ -192,23 +194,22 @@ class SegmentationTask:
 
         return score
 
-    def score_video(self, dataset: str, keys: list[str], probs: Sequence[np.ndarray], sequences: dict[str, list[int]],
-                    threshold: float, facts: pd.DataFrame, smoothing: Smoothing, cases_dir: Path) -> VideoScores:
-        """Stability of one test set's maps over its sequences (none for a set of stills) and the film strip of the
-        least stable one (:data:`~polypflow.evaluate.stability.FILM`)."""
+    def score_video(self, dataset: str, keys: list[str], probs: Sequence[np.ndarray], smoothed: Sequence[np.ndarray] | None,
+                    shipped: Sequence[np.ndarray], sequences: dict[str, list[int]], threshold: float,
+                    facts: pd.DataFrame, smoothing: Smoothing, cases_dir: Path) -> VideoScores:
+        """Stability of one test set's maps over its sequences (none for a set of stills), raw and ``smoothed``, and
+        the film strip of the least stable one as the model ``shipped`` it (:data:`~polypflow.evaluate.stability.FILM`)."""
         if not sequences:
             return VideoScores(pd.DataFrame(columns=[*SEQUENCE_COLUMNS, "variant", "filmed"]), {}, None)
         cfg, rows = self.params, rows_of(facts, keys)
         with ThreadPoolExecutor(workers()) as pool:
             truth = list(pool.map(lambda path: read_mask(path, cfg.validate_.mask_threshold), rows["mask_path"]))
-        scores = video_scores(keys, probs, truth, sequences, threshold, cfg.video, cfg.detection.min_box_area, smoothing,
-                              cfg.report.n_boot, cfg.seed, cfg.report.confidence)
+        scores = video_scores(keys, probs, smoothed, truth, sequences, threshold, cfg.video, cfg.detection.min_box_area,
+                              smoothing, cfg.report.n_boot, cfg.seed, cfg.report.confidence)
         if scores.filmed is not None:
             seq = sequences[scores.filmed]
-            shown = smooth_whole(probs, {scores.filmed: seq}, {i: frame_number(keys[i]) for i in seq}, cfg.video,
-                                 smoothing) if smoothing.active else probs
             strip = film_strip([read_image(rows["image_path"].iloc[i]) for i in seq], [truth[i] for i in seq],
-                               [shown[i] for i in seq], threshold, cfg.video.film_frames)
+                               [shipped[i] for i in seq], threshold, cfg.video.film_frames)
             write_png(cases_dir / FILM.format(dataset=dataset), strip)
         return scores
 
