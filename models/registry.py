@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from models.tta import Tta, with_tta
+
 Builder = Callable[..., nn.Module]
 Task = str  # what a method predicts: "segmentation" (the default), "detection"; polypflow.tasks knows each
 
@@ -56,16 +58,24 @@ def method_entry(name: str) -> MethodEntry:
 def check_kwargs(name: str, kwargs: dict[str, Any], where: str = "") -> None:
     """Raise ``ValueError`` naming ``where`` when ``kwargs`` are not arguments of builder ``name`` (a typo caught
     before anything is built or trained, instead of a ``TypeError`` deep inside a stage)."""
-    signature = inspect.signature(method_entry(name).builder)
-    unknown = sorted(set(kwargs) - set(signature.parameters))
+    entry = method_entry(name)
+    signature = inspect.signature(entry.builder)
+    if "tta" in kwargs and entry.task != "segmentation":
+        raise ValueError(f"{where or name}: tta (flip test-time augmentation) is for segmenters; {name!r} is a "
+                         f"{entry.task} method")
+    unknown = sorted(set(kwargs) - set(signature.parameters) - {"tta"})
     if unknown:
         raise ValueError(f"{where or name}: unknown argument(s) {unknown} of builder {name!r}; "
                          f"it takes {list(signature.parameters)}")
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build method ``name`` with the keyword arguments from ``methods.<name>.model``."""
-    return method_entry(name).builder(**kwargs)
+def build_model(name: str, tta: Tta = "none", **kwargs: Any) -> nn.Module:
+    """Build method ``name`` with the keyword arguments from ``methods.<name>.model``; ``tta`` (every segmenter's
+    argument) wraps it in flip test-time augmentation (:mod:`models.tta`)."""
+    entry = method_entry(name)
+    if tta != "none" and entry.task != "segmentation":
+        raise ValueError(f"tta (flip test-time augmentation) is for segmenters; {name!r} is a {entry.task} method")
+    return with_tta(entry.builder(**kwargs), tta)
 
 
 def method_task(name: str) -> Task:

@@ -110,8 +110,8 @@ def curve_figure(methods: list[MethodResults], table: str, x: str, y: str, xlabe
 
 
 def training_figure(methods: list[MethodResults]) -> bytes:
-    """Validation Dice (at 0.5, and at the grid's best threshold where searched) and training loss per epoch;
-    the selected epoch marked: the curves `dvc plots show` draws from history.csv, without a CDN."""
+    """Validation Dice (at 0.5; dotted at the grid's best threshold where searched; dashed the raw weights' where
+    the shipped ones are their moving average) and training loss per epoch; the selected epoch marked: the curves `dvc plots show` draws from history.csv, without a CDN."""
     trained = [m for m in methods if len(m.history)]
     styles = line_styles(methods)
     fig, (dice_ax, loss_ax) = _axes(2, width=5.0)
@@ -120,11 +120,13 @@ def training_figure(methods: list[MethodResults]) -> bytes:
         dice_ax.plot(h["epoch"], h["val_dice"], marker="o", markersize=3, lw=1.2, label=m.label, **styles[m.name])
         if "val_dice_tuned" in h and h["val_dice_tuned"].notna().any():
             dice_ax.plot(h["epoch"], h["val_dice_tuned"], lw=0.8, color=styles[m.name]["color"], ls=":")
+        if "val_dice_raw" in h and h["val_dice_raw"].notna().any():
+            dice_ax.plot(h["epoch"], h["val_dice_raw"], lw=0.8, color=styles[m.name]["color"], ls="--")
         if m.train.get("best_epoch"):
             best = h[h["epoch"] == m.train["best_epoch"]]
             dice_ax.scatter(best["epoch"], best["val_dice"], s=60, facecolors="none", edgecolors=styles[m.name]["color"])
         loss_ax.plot(h["epoch"], h["train_loss"], lw=1.2, label=m.label, **styles[m.name])
-    dice_ax.set(xlabel="epoch", ylabel="validation Dice", title="Validation Dice (circle: selected epoch)")
+    dice_ax.set(xlabel="epoch", ylabel="validation Dice", title="Validation Dice (circle: selected epoch; dashed: raw weights beside their EMA)")
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
     for ax in (dice_ax, loss_ax):
         ax.grid(alpha=0.3)

@@ -144,6 +144,27 @@ class Recipe(Strict):
     amp: bool = True
     channels_last: bool = True
     num_workers: int = Field(0, ge=0)
+    # an exponential moving average of the weights (this decay per step) is what is validated, selected and shipped
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # progressive resizing: [first epoch (1-based), training size in px] pairs; images are loaded (and validated,
+    # shipped) at image_size, and each batch is resized to its epoch's size before multiscale
+    resize_schedule: list[tuple[int, int]] = []
+
+    @model_validator(mode="after")
+    def _schedule_sizes(self) -> "Recipe":
+        epochs = [epoch for epoch, _ in self.resize_schedule]
+        for epoch, size in self.resize_schedule:
+            if epoch < 1 or size % 32 or not 32 <= size <= self.image_size:
+                raise ValueError(f"resize_schedule: epoch {epoch} -> {size} px: epochs count from 1 and sizes are "
+                                 f"multiples of 32 up to image_size ({self.image_size})")
+        if epochs != sorted(set(epochs)):
+            raise ValueError(f"resize_schedule: first epochs {epochs} must increase")
+        return self
+
+    def train_size(self, epoch: int) -> int:
+        """The training size of 0-based ``epoch``: the schedule's last entry at or before it, else image_size."""
+        started = [size for first, size in self.resize_schedule if first <= epoch + 1]
+        return started[-1] if started else self.image_size
 
 
 class MethodSpec(Strict):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.tta import plain
 from polypflow.data.images import (ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask,
                                    read_splits)
 from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
@@ -273,12 +274,13 @@ class SegmentationTask:
         return rows
 
     def explain(self, model: nn.Module, meta: dict, facts: pd.DataFrame, keys: Sequence[str], out: Path) -> list[Path]:
-        """Grad-CAM panels (image | truth | prediction | overlay) for the first test images."""
+        """Grad-CAM panels (image | truth | prediction | overlay) for the first test images, of the network without
+        its flip test-time augmentation (one view: the layer's activations are those of the image shown)."""
         cfg = self.params
         size = (meta["image_size"] // 32) * 32
         data = load_image_set(facts, list(keys[:GRADCAM_PANELS]), size, cfg.validate_.mask_threshold, cfg.paths.cache)
         names = [k.replace("/", "_") for k in data.keys]
-        return save_panels(model.cpu(), list(data.images), out, masks=list(data.masks), names=names,
+        return save_panels(plain(model).cpu(), list(data.images), out, masks=list(data.masks), names=names,
                            normalize=meta["normalize"], threshold=meta["threshold"])
 
     # ------------------------------------------------------------ export, registry

@@ -5,6 +5,13 @@ validation scores, the threshold a model ships with) is the task's, through :cla
 LightningModule hides its task from the Trainer. Each epoch is seeded with ``seed + epoch`` (shuffle,
 augmentation, dropout), so a run resumed from its last checkpoint continues exactly as the uninterrupted run
 would have.
+
+With ``recipe.ema_decay`` an exponential moving average of the weights and buffers is what is validated, selected,
+checkpointed for resume and left in the model; the raw weights' validation metrics are recorded beside it
+(``val_*_raw``). It is timm's ``ModelEmaV3`` with its warm-up (the decay grows with the step up to ``ema_decay``):
+on IC-PolypSeg a fixed decay of 0.99 from the first step (``torch.optim.swa_utils.AveragedModel``) left validation
+Dice at 0 for all of a 4-epoch run whose raw weights reached 0.83. With ``recipe.resize_schedule`` each epoch
+trains at its own size (progressive resizing).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from timm.utils import ModelEmaV3
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,14 +115,19 @@ def train_step(model: nn.Module, x: torch.Tensor, target: Any, task: TrainingTas
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, task: TrainingTask, optimizer: torch.optim.Optimizer,
-                recipe: Recipe, device: torch.device, epoch: int) -> float:
+                recipe: Recipe, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None) -> float:
     model.train()
     rng = np.random.default_rng(epoch)
     total, count = 0.0, 0
     amp = amp_enabled(recipe, device)
-    for images, target in tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5, leave=False):
-        x, target = rescale(images.to(device), task.target_to(target, device), float(rng.choice(recipe.multiscale)), task)
+    size = recipe.train_size(epoch) / recipe.image_size
+    for step, (images, target) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5,
+                                                  leave=False), start=epoch * len(loader) + 1):
+        scale = size * float(rng.choice(recipe.multiscale))
+        x, target = rescale(images.to(device), task.target_to(target, device), scale, task)
         loss = train_step(model, x, target, task, optimizer, recipe.channels_last, amp, epoch).item()
+        if ema is not None:
+            ema.update(model, step)
         total += loss * len(x)
         count += len(x)
     return total / max(count, 1)
@@ -135,12 +148,16 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
              "on" if recipe.channels_last else "off")
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema_decay else None
+    shipped = model if ema is None else ema.module  # the weights validated, selected and left in the model
     state = {"epoch": -1, "best_val_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
     if resume and checkpoint.exists():
         saved = load_checkpoint(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         state = {k: saved[k] for k in state}
         log.info("resuming %s after epoch %d", checkpoint, state["epoch"] + 1)
     dataset = task.dataset(train)
@@ -153,21 +170,25 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=len(dataset) > recipe.batch_size,
                             num_workers=recipe.num_workers, collate_fn=task.collate,
                             generator=torch.Generator().manual_seed(seed + epoch))
-        train_loss = train_epoch(model, loader, task, optimizer, recipe, device, epoch)
+        train_loss = train_epoch(model, loader, task, optimizer, recipe, device, epoch, ema)
         scheduler.step()
-        metrics = {"train_loss": train_loss, **task.validate(model, val, device), "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"train_loss": train_loss, **task.validate(shipped, val, device), "lr": optimizer.param_groups[0]["lr"]}
+        if ema is not None:
+            metrics.update({f"{k}_raw": v for k, v in task.validate(model, val, device).items()})
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None
         state["history"].append({"epoch": epoch + 1, **metrics})
         if best is None or task.select(metrics) > task.select(best):
             # "best_val_dice" is the checkpoint format's name for the best score of any task
             state.update(best_val_dice=metrics[task.metric], best_epoch=epoch + 1, bad_epochs=0,
-                         best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                         best_model={k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), **state, **(checkpoint_extra or {}))
-        log.info("epoch %d/%d train_loss %.4f %s", epoch + 1, recipe.epochs, train_loss,
+                        scheduler=scheduler.state_dict(), **({} if ema is None else {"ema": ema.state_dict()}),
+                        **state, **(checkpoint_extra or {}))
+        log.info("epoch %d/%d at %d px train_loss %.4f %s", epoch + 1, recipe.epochs, recipe.train_size(epoch),
+                 train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)

@@ -180,3 +180,31 @@ def test_synthetic_paper_data_has_the_protocols_sizes():
     train, val, report = paper.paper_data(None, 8, seed=0, size=32)
     assert (len(train.keys), len(val.keys), train.images.shape[1:]) == (8, 1, (32, 32, 3))
     assert report["data"].startswith("synthetic") and (report["train"], report["val"]) == (1305, 145)
+
+
+def test_cpu_recipe_ablation_trains_through_the_plan_and_scores_validation_with_and_without_tta(
+        tmp_path, synthetic_root, monkeypatch):
+    """benchmarks.cpu_recipe on a synthetic project: one epoch with EMA, flip TTA of the selected weights, the
+    threshold curve; the record names what was overridden and the raw weights' val Dice sits beside the EMA's."""
+    from benchmarks import cpu_recipe
+    from conftest import stage_workdir
+    from polypflow.settings.config import load_params
+    from stages import ingest, split, validate
+
+    stage_workdir(tmp_path, synthetic_root, monkeypatch)
+    params = load_params("params.yaml")
+    for stage in (ingest, validate, split):
+        stage.run(params)
+    cpu_recipe.main(["--name", "t", "--profile", "default", "--epochs", "1", "--set", "ema_decay=0.9",
+                     "--model", "tta=hflip", "--out", str(tmp_path / "out")])
+    record = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert record["overrides"] == {"recipe": {"ema_decay": 0.9, "epochs": 1}, "model": {"tta": "hflip"}}
+    assert record["recipe"]["ema_decay"] == 0.9 and record["model"]["tta"] == "hflip"
+    assert len(record["epoch_s"]) == len(record["history"]) == 1
+    assert {"val_dice", "val_dice_raw"} <= record["history"][0].keys()
+    assert set(record["val"]) == {"none", "hflip", "hvflip"}
+    for figures in record["val"].values():
+        assert 0 <= figures["dice_0.5"] <= figures["dice_best"] <= 1
+        assert figures["dice_best"] == max(figures["curve"].values())
+    with pytest.raises(SystemExit, match="key=value"):
+        cpu_recipe.main(["--name", "u", "--profile", "default", "--epochs", "1", "--set", "ema_decay"])

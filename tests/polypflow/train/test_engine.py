@@ -263,3 +263,58 @@ def test_channels_last_training_keeps_the_model_channels_last(tmp_path):
     fit(model, one, TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(one))
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_ema_weights_are_validated_selected_and_shipped_and_resume_exactly(tmp_path):
+    """With ``ema_decay`` the model ends holding the average (not the last raw weights), the raw weights' val Dice
+    is recorded beside it, and a run crashed after epoch 1 and resumed ends where the uninterrupted run ends."""
+    ema = recipe(epochs=2, ema_decay=0.5)
+    straight_ckpt = tmp_path / "a.pt"
+    model_a = tiny_unet()
+    result_a = fit(model_a, ema, TRAIN, VAL, CPU, straight_ckpt, SEED, task(ema))
+    saved = load_checkpoint(straight_ckpt)
+    assert all({"val_dice", "val_dice_raw"} <= h.keys() for h in result_a.history)
+    averaged = {k.removeprefix("module."): v for k, v in saved["ema"].items() if k.startswith("module.")}
+    best = saved["best_model"]
+    assert averaged.keys() == best.keys() == model_a.state_dict().keys()
+    if result_a.best_epoch == 2:  # the last epoch's average is the checkpoint's
+        assert all(torch.equal(averaged[k], best[k]) for k in best)
+    assert any(not torch.equal(saved["model"][k], best[k]) for k in best if best[k].is_floating_point())
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, best[key]), key
+
+    def crash_after_one(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 1:
+            raise Crash
+
+    ckpt = tmp_path / "b.pt"
+    with pytest.raises(Crash):
+        fit(tiny_unet(), ema, TRAIN, VAL, CPU, ckpt, SEED, task(ema), on_epoch=crash_after_one)
+    model_b = tiny_unet(seed=5)
+    result_b = fit(model_b, ema, TRAIN, VAL, CPU, ckpt, SEED, task(ema), resume=True)
+    for key, value in model_a.state_dict().items():
+        assert torch.allclose(value.float(), model_b.state_dict()[key].float(), rtol=0, atol=1e-6), key
+    assert result_b.history[-1]["val_dice_raw"] == pytest.approx(result_a.history[-1]["val_dice_raw"], abs=1e-9)
+
+
+@pytest.mark.quick
+def test_resize_schedule_sizes_and_their_checks():
+    r = recipe(epochs=5, resize_schedule=[[1, 32], [3, 64]])
+    assert [r.train_size(e) for e in range(5)] == [32, 32, 64, 64, 64]
+    assert recipe(resize_schedule=[[2, 32]]).train_size(0) == 64  # before the first entry: image_size
+    for bad in ([[1, 48]], [[1, 96]], [[0, 32]], [[3, 32], [2, 64]], [[1, 32], [1, 64]]):
+        with pytest.raises(ValueError, match="resize_schedule"):
+            recipe(resize_schedule=bad)
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_size_and_validates_at_image_size(tmp_path):
+    schedule = recipe(epochs=2, augment="none", multiscale=[1.0], resize_schedule=[[1, 32], [2, 64]])
+    model, seen = tiny_unet(), []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    epochs: list[int] = []
+    fit(model, schedule, TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(schedule),
+        on_epoch=lambda epoch, m: epochs.append(len(seen)))
+    first, second = seen[:epochs[0]], seen[epochs[0]:epochs[1]]
+    assert {size for training, size in first if training} == {32}
+    assert {size for training, size in second if training} == {64}
+    assert {size for training, size in seen if not training} == {64}

@@ -1,0 +1,59 @@
+"""Flip test-time augmentation as part of the network, so that the figure a user gets is the figure reported.
+
+``tta`` is a builder argument of every segmentation method (``methods.<name>.model.tta``, see
+:func:`models.registry.build_model`): the built network is wrapped in :class:`FlipTTA`, which is what is saved
+(its weights under ``net.``), rebuilt by ``load_trained``, validated during training, evaluated, exported to ONNX
+(the flips are in the graph) and served. In training mode it is the plain network; in eval mode each output map
+is the mean of the network's logits over the identity and the flips, each flipped back.
+
+Written by hand rather than with ``ttach``: that package (last release 2020) wraps networks returning one tensor,
+and every segmenter of the registry returns a tuple of maps (``models.registry``'s contract).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Tta = Literal["none", "hflip", "hvflip"]
+# the spatial dims each view flips (N×C×H×W): the identity first
+VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "hflip": ((), (3,)),
+    "hvflip": ((), (3,), (2,)),
+}
+
+
+class FlipTTA(nn.Module):
+    """``net`` averaged over flipped views of its input in eval mode (logits, per output map); itself in training."""
+
+    def __init__(self, net: nn.Module, tta: Tta) -> None:
+        super().__init__()
+        if tta not in VIEWS:
+            raise ValueError(f"tta must be one of {['none', *VIEWS]}, got {tta!r}")
+        self.net, self.tta = net, tta
+        target = getattr(net, "gradcam_target", None)
+        if target:
+            self.gradcam_target = f"net.{target}"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.training:
+            return self.net(x)
+        views = VIEWS[self.tta]
+        total = None
+        for dims in views:
+            outputs = self.net(x.flip(dims) if dims else x)
+            outputs = tuple(o.flip(dims) if dims else o for o in outputs)
+            total = outputs if total is None else tuple(t + o for t, o in zip(total, outputs, strict=True))
+        return tuple(t / len(views) for t in total)
+
+
+def with_tta(net: nn.Module, tta: Tta) -> nn.Module:
+    """``net`` itself for ``"none"``, else wrapped in :class:`FlipTTA`."""
+    return net if tta == "none" else FlipTTA(net, tta)
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """The network inside a :class:`FlipTTA` (what Grad-CAM explains: one view, one pass), else ``model``."""
+    return model.net if isinstance(model, FlipTTA) else model

@@ -1,0 +1,76 @@
+"""Flip test-time augmentation as part of the network (``models.tta``): the mean of the flipped views in eval
+mode, the plain network in training, a builder argument every segmenter takes, saved and rebuilt with the model and
+exported into its ONNX graph, so evaluation, export and serving all see the same maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_model, check_kwargs, method_entry
+from models.tta import FlipTTA
+from polypflow.data.images import NORMALIZATION
+from polypflow.infer.onnx import onnx_session
+from polypflow.tasks.segmentation import SegmentationTask
+from polypflow.train.checkpoint import load_trained, save_trained
+
+SIZE = 64
+MEAN, STD = NORMALIZATION["imagenet"]
+
+
+def tiny_unet(tta: str = "none") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("unet", tta=tta, **{**method_entry("unet").test_kwargs, "pretrained": "none"})
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("tta, views", [("hflip", [(), (3,)]), ("hvflip", [(), (3,), (2,)])])
+def test_eval_maps_are_the_mean_of_the_flipped_views_and_training_is_the_plain_network(tta, views):
+    model = tiny_unet(tta)
+    assert isinstance(model, FlipTTA)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model.eval()
+        got = model(x)
+        by_hand = [torch.stack([model.net(x.flip(d) if d else x)[i].flip(d) if d else model.net(x)[i] for d in views]).mean(0)
+                   for i in range(len(got))]
+        for g, h in zip(got, by_hand, strict=True):
+            torch.testing.assert_close(g, h)
+        assert not torch.allclose(got[0], model.net(x)[0])  # the views differ: a real average
+        model.train()
+        for g, h in zip(model(x), model.net(x), strict=True):
+            torch.testing.assert_close(g, h)
+
+
+@pytest.mark.quick
+def test_tta_is_a_segmenters_argument_only():
+    check_kwargs("unet", {"tta": "hvflip", **method_entry("unet").test_kwargs})
+    with pytest.raises(ValueError, match="tta .*segmenters.*gfl_atss.*detection"):
+        check_kwargs("gfl_atss", {"tta": "hflip"}, "methods.gfl_atss.model")
+    with pytest.raises(ValueError, match="segmenters"):
+        build_model("gfl_atss", tta="hflip", **method_entry("gfl_atss").test_kwargs)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tiny_unet("rot90")
+    assert not isinstance(tiny_unet("none"), FlipTTA)
+
+
+def test_saved_model_is_rebuilt_with_its_tta_and_exported_with_the_flips_in_the_graph(tmp_path):
+    model = tiny_unet("hvflip").eval()
+    kwargs = {**method_entry("unet").test_kwargs, "tta": "hvflip"}
+    save_trained(tmp_path / "model.pt", model, arch="unet", model_kwargs=kwargs)
+    loaded, meta = load_trained(tmp_path / "model.pt")
+    assert isinstance(loaded, FlipTTA) and meta["model_kwargs"]["tta"] == "hvflip"
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    meta = {"image_size": SIZE, "mean": list(MEAN), "std": list(STD)}
+    diff, _ = SegmentationTask.export(loaded, meta, tmp_path / "model.onnx", 18)
+    assert diff < 1e-4
+    rgb = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
+    got = onnx_session(tmp_path / "model.onnx").run(None, {"image": rgb})[0]
+    norm = (torch.from_numpy(rgb) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        with_tta, plain = torch.sigmoid(loaded(norm)[0]).numpy(), torch.sigmoid(loaded.net(norm)[0]).numpy()
+    np.testing.assert_allclose(got, with_tta, atol=1e-4)
+    assert np.abs(got - plain).max() > 1e-3  # the graph holds the flips, not the plain network
