@@ -1,0 +1,76 @@
+"""A segmenter shipped with flip TTA and EMA weights through the stages: what train@ validates, evaluate@ scores,
+export@ writes to ONNX, predict draws and the registered model serves are the same TTA maps (issue 23: the figure a
+user gets is the figure reported)."""
+
+from __future__ import annotations
+
+import base64
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_pair, read_params, stage_workdir, write_params
+from models.tta import FlipTTA
+from polypflow.data.images import load_image_set, read_facts, read_splits
+from polypflow.deploy import predict
+from polypflow.infer.predictor import SizeLimits
+from polypflow.settings.config import load_params
+from polypflow.settings.layout import method_layout
+from polypflow.tasks.segmentation import SegmentationTask, predict_probs
+from polypflow.train.checkpoint import load_trained
+from stages import evaluate, export, ingest, profile, register, split, train, validate
+
+
+@pytest.fixture
+def params(tmp_path, synthetic_root, monkeypatch):
+    root = stage_workdir(tmp_path, synthetic_root, monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    settings = read_params(root)
+    settings["methods"]["unet"]["model"]["tta"] = "hvflip"
+    settings["train"]["defaults"]["ema_decay"] = 0.9
+    write_params(root, settings)
+    params = load_params("params.yaml")
+    for stage in (ingest, validate, split):
+        stage.run(params)
+    return params
+
+
+def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_alike(params, tmp_path):
+    files = method_layout(params, "unet")
+    train.run(params, "unet")
+    assert "val_dice_raw" in pd.read_csv(files.history).columns
+    model, meta = load_trained(files.model)
+    assert isinstance(model, FlipTTA) and meta["model_kwargs"]["tta"] == "hvflip"
+
+    # evaluate@'s per-image Dice are those of the TTA maps, not of the plain network's
+    evaluate.run(params, "unet")
+    per_image = pd.read_csv(files.eval_table("per_image"))
+    dataset, keys = next((d, k) for d, k in read_splits(params)["test"].items() if k)
+    facts, task = read_facts(params), SegmentationTask(params)
+    data = load_image_set(facts, keys, meta["image_size"], params.validate_.mask_threshold, params.paths.cache)
+    maps = [predict_probs(m, data.images, meta["normalize"], torch.device("cpu")) for m in (model, model.net)]
+    with_tta, plain = task.dice_at_masks(keys, maps, params.evaluate.threshold, facts)
+    scored = per_image[per_image["dataset"] == dataset].set_index("key").loc[keys, "dice"].to_numpy()
+    np.testing.assert_allclose(scored, with_tta, atol=1e-6)
+    assert np.abs(maps[0] - maps[1]).max() > 1e-3
+
+    # the ONNX graph holds the flips; predict with it, with model.pt and the served model give the same masks
+    report = export.run(params, "unet")
+    assert report["max_abs_diff"] <= params.export.atol
+    profile.run(params, "unet")
+    register.run(params, "unet")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        make_pair(700 + i, size=80)[0].save(frames / f"f{i}.png")
+    limits = SizeLimits(params.validate_.min_side, params.validate_.max_side)
+    tables = [predict.run(str(path), frames, tmp_path / f"out{n}", None, limits)[0]
+              for n, path in enumerate((files.model, files.onnx))]
+    np.testing.assert_allclose(tables[0]["polyp_fraction"], tables[1]["polyp_fraction"], atol=2e-3)
+    served = mlflow.pyfunc.load_model("models:/unet@champion")
+    encoded = base64.b64encode((frames / "f0.png").read_bytes()).decode()
+    answer = served.predict(pd.DataFrame({"image": [encoded]}))
+    assert answer["polyp_fraction"][0] == pytest.approx(tables[0]["polyp_fraction"][0], abs=1e-6)
