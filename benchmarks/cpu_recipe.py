@@ -23,16 +23,17 @@ from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import ValidationError
 
-from models.tta import FlipTTA
+from models.tta import FlipTTA, plain
 from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.evaluate.profiling import device_name
+from polypflow.infer.device import CPU
 from polypflow.io import write_json
-from polypflow.settings.config import DEFAULT_PARAMS, Params, ParamsError, read_settings
+from polypflow.settings.config import DEFAULT_PARAMS, Params, ParamsError, describe, read_settings
 from polypflow.settings.profiles import deep_merge, read_profile
 from polypflow.tasks.plan import fit_plan, plan_method
 from polypflow.tasks.segmentation import THRESHOLD_GRID, grid_dice, predict_probs
-from polypflow.infer.device import CPU
 
 
 def assignments(pairs: list[str], flag: str) -> dict[str, Any]:
@@ -54,15 +55,15 @@ def settings(params_path: Path, profile: str, method: str | None, recipe: dict, 
     spec["model"] = {**spec.get("model", {}), **model}
     try:
         return Params.model_validate(merged), method
-    except Exception as exc:
-        raise ParamsError(f"{params_path} with profile {profile}: {exc}") from exc
+    except ValidationError as exc:
+        raise ParamsError(f"{params_path} with profile {profile} and the overrides: {describe(exc)}") from exc
 
 
 def val_figures(model, params: Params, plan) -> dict[str, Any]:
     """Dice at 0.5 and over the threshold grid on the validation images, without and with flip TTA."""
     val = load_image_set(read_facts(params), plan.val_keys, plan.recipe.image_size, params.validate_.mask_threshold,
                          params.paths.cache)
-    net = model.net if isinstance(model, FlipTTA) else model
+    net = plain(model)
     out = {}
     for tta in ("none", "hflip", "hvflip"):
         start = time.perf_counter()
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--method")
     ap.add_argument("--epochs", type=int, required=True)
     ap.add_argument("--set", action="append", default=[], help="recipe key=value (YAML), e.g. ema_decay=0.998")
-    ap.add_argument("--model", action="append", default=[], help="builder key=value (YAML), e.g. encoder=tf_efficientnet_lite1")
+    ap.add_argument("--model", action="append", default=[],
+                    help="builder key=value (YAML), e.g. encoder=tf_efficientnet_lite1")
     ap.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     ap.add_argument("--out", type=Path, default=Path("artifacts/benchmarks/cpu_recipe"))
     args = ap.parse_args(argv)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     train_s = marks[-1] - marks[0]
     figures = val_figures(model, params, plan)
     record = {"name": args.name, "profile": args.profile, "method": method, "arch": plan.arch, "model": plan.kwargs,
-              "recipe": plan.recipe.model_dump(), "overrides": {"recipe": recipe, "model": assignments(args.model, "--model")},
+              "recipe": plan.recipe.model_dump(),
+              "overrides": {"recipe": recipe, "model": assignments(args.model, "--model")},
               "train_images": len(plan.train_keys), "val_images": len(plan.val_keys),
               "cpu": device_name(CPU), "train_s": train_s, "epoch_s": np.diff(marks).tolist(),
               "best_epoch": result.best_epoch, "selected_val_dice": result.best_score, "history": result.history,

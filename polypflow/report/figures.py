@@ -126,7 +126,8 @@ def training_figure(methods: list[MethodResults]) -> bytes:
             best = h[h["epoch"] == m.train["best_epoch"]]
             dice_ax.scatter(best["epoch"], best["val_dice"], s=60, facecolors="none", edgecolors=styles[m.name]["color"])
         loss_ax.plot(h["epoch"], h["train_loss"], lw=1.2, label=m.label, **styles[m.name])
-    dice_ax.set(xlabel="epoch", ylabel="validation Dice", title="Validation Dice (circle: selected epoch; dashed: raw weights beside their EMA)")
+    dice_ax.set(xlabel="epoch", ylabel="validation Dice",
+                title="Validation Dice (circle: selected epoch; dashed: raw weights beside their EMA)")
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
     for ax in (dice_ax, loss_ax):
         ax.grid(alpha=0.3)

@@ -172,7 +172,8 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
                             generator=torch.Generator().manual_seed(seed + epoch))
         train_loss = train_epoch(model, loader, task, optimizer, recipe, device, epoch, ema)
         scheduler.step()
-        metrics = {"train_loss": train_loss, **task.validate(shipped, val, device), "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"train_loss": train_loss, **task.validate(shipped, val, device),
+                   "lr": optimizer.param_groups[0]["lr"]}
         if ema is not None:
             metrics.update({f"{k}_raw": v for k, v in task.validate(model, val, device).items()})
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None

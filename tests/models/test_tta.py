@@ -33,8 +33,8 @@ def test_eval_maps_are_the_mean_of_the_flipped_views_and_training_is_the_plain_n
     with torch.no_grad():
         model.eval()
         got = model(x)
-        by_hand = [torch.stack([model.net(x.flip(d) if d else x)[i].flip(d) if d else model.net(x)[i] for d in views]).mean(0)
-                   for i in range(len(got))]
+        views_out = [[o.flip(d) if d else o for o in model.net(x.flip(d) if d else x)] for d in views]
+        by_hand = [torch.stack([v[i] for v in views_out]).mean(0) for i in range(len(got))]
         for g, h in zip(got, by_hand, strict=True):
             torch.testing.assert_close(g, h)
         assert not torch.allclose(got[0], model.net(x)[0])  # the views differ: a real average
