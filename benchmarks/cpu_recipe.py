@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from models.tta import FlipTTA, plain
+from models.tta import plain, with_tta
 from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.evaluate.profiling import device_name
 from polypflow.infer.device import CPU
@@ -67,7 +67,7 @@ def val_figures(model, params: Params, plan) -> dict[str, Any]:
     out = {}
     for tta in ("none", "hflip", "hvflip"):
         start = time.perf_counter()
-        probs = predict_probs(net if tta == "none" else FlipTTA(net, tta), val.images, plan.recipe.normalize, CPU)
+        probs = predict_probs(with_tta(net, tta), val.images, plan.recipe.normalize, CPU)
         curve = grid_dice(probs, val.masks)
         out[tta] = {"dice_0.5": float(curve[np.flatnonzero(THRESHOLD_GRID == 0.5)[0]]),
                     "best_threshold": float(THRESHOLD_GRID[int(np.argmax(curve))]), "dice_best": float(curve.max()),

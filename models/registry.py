@@ -55,14 +55,20 @@ def method_entry(name: str) -> MethodEntry:
         raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}") from None
 
 
+def refuse_tta(entry: MethodEntry, where: str = "") -> None:
+    """Flip test-time augmentation averages segmentation maps: a ``ValueError`` for a method of another task."""
+    if entry.task != "segmentation":
+        raise ValueError(f"{where + ': ' if where else ''}tta (flip test-time augmentation) is for segmenters; "
+                         f"{entry.name!r} is a {entry.task} method")
+
+
 def check_kwargs(name: str, kwargs: dict[str, Any], where: str = "") -> None:
     """Raise ``ValueError`` naming ``where`` when ``kwargs`` are not arguments of builder ``name`` (a typo caught
     before anything is built or trained, instead of a ``TypeError`` deep inside a stage)."""
     entry = method_entry(name)
     signature = inspect.signature(entry.builder)
-    if "tta" in kwargs and entry.task != "segmentation":
-        raise ValueError(f"{where or name}: tta (flip test-time augmentation) is for segmenters; {name!r} is a "
-                         f"{entry.task} method")
+    if "tta" in kwargs:
+        refuse_tta(entry, where or name)
     unknown = sorted(set(kwargs) - set(signature.parameters) - {"tta"})
     if unknown:
         raise ValueError(f"{where or name}: unknown argument(s) {unknown} of builder {name!r}; "
@@ -73,8 +79,8 @@ def build_model(name: str, tta: Tta = "none", **kwargs: Any) -> nn.Module:
     """Build method ``name`` with the keyword arguments from ``methods.<name>.model``; ``tta`` (every segmenter's
     argument) wraps it in flip test-time augmentation (:mod:`models.tta`)."""
     entry = method_entry(name)
-    if tta != "none" and entry.task != "segmentation":
-        raise ValueError(f"tta (flip test-time augmentation) is for segmenters; {name!r} is a {entry.task} method")
+    if tta != "none":
+        refuse_tta(entry)
     return with_tta(entry.builder(**kwargs), tta)
 
 

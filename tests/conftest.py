@@ -121,6 +121,25 @@ def stage_workdir(tmp_path: Path, data_root: Path, monkeypatch) -> Path:
     return root
 
 
+def split_workdir(tmp_path: Path, data_root: Path, monkeypatch, change=None):
+    """A :func:`stage_workdir` with its own MLflow store, its settings changed in place by ``change`` (a function of
+    the merged settings dict) when given, then ingested, validated and split: what the stages after split need.
+    Returns its settings (``Params``)."""
+    from polypflow.settings.config import load_params
+    from stages import ingest, split, validate
+
+    root = stage_workdir(tmp_path, data_root, monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    if change is not None:
+        settings = read_params(root)
+        change(settings)
+        write_params(root, settings)
+    params = load_params("params.yaml")
+    for stage in (ingest, validate, split):
+        stage.run(params)
+    return params
+
+
 @pytest.fixture
 def project(tmp_path, synthetic_root, monkeypatch) -> Path:
     """A fresh DVC project (no git): the repo's code and dvc.yaml, test params; the cwd is set to it."""

@@ -187,14 +187,9 @@ def test_cpu_recipe_ablation_trains_through_the_plan_and_scores_validation_with_
     """benchmarks.cpu_recipe on a synthetic project: one epoch with EMA, flip TTA of the selected weights, the
     threshold curve; the record names what was overridden and the raw weights' val Dice sits beside the EMA's."""
     from benchmarks import cpu_recipe
-    from conftest import stage_workdir
-    from polypflow.settings.config import load_params
-    from stages import ingest, split, validate
+    from conftest import split_workdir
 
-    stage_workdir(tmp_path, synthetic_root, monkeypatch)
-    params = load_params("params.yaml")
-    for stage in (ingest, validate, split):
-        stage.run(params)
+    split_workdir(tmp_path, synthetic_root, monkeypatch)
     cpu_recipe.main(["--name", "t", "--profile", "default", "--epochs", "1", "--set", "ema_decay=0.9",
                      "--model", "tta=hflip", "--out", str(tmp_path / "out")])
     record = json.loads((tmp_path / "out" / "t.json").read_text())

@@ -8,33 +8,29 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import REPO, make_pair, read_params, stage_workdir, write_params
+from conftest import REPO, make_pair, read_params, split_workdir, write_params
 from polypflow.deploy import predict
 from polypflow.infer.predictor import SizeLimits
 from models import method_entry
 from polypflow.settings.config import load_params
 from polypflow.settings.layout import method_layout
-from stages import evaluate, export, ingest, profile, register, split, train, validate
+from stages import evaluate, export, profile, register, train
 from stages import report as report_stage
 
 DETECTOR = {"arch": "gfl_atss", "model": {**method_entry("gfl_atss").test_kwargs, "pretrained": "none"},
             "recipe": {"loss": "gfl", "epochs": 2}}
 
 
-@pytest.fixture
-def project(tmp_path, synthetic_root, monkeypatch):
-    root = stage_workdir(tmp_path, synthetic_root, monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    settings = read_params(root)
+def with_detector(settings: dict) -> None:
     settings["methods"]["det"] = DETECTOR
     settings["train"]["methods"] = ["unet", "det"]
     settings["detection"]["min_box_area"] = 4
     settings["report"]["paper_figures"] = str(REPO / "references" / "paper_figures.yaml")
-    write_params(root, settings)
-    params = load_params("params.yaml")
-    for stage in (ingest, validate, split):
-        stage.run(params)
-    return params
+
+
+@pytest.fixture
+def project(tmp_path, synthetic_root, monkeypatch):
+    return split_workdir(tmp_path, synthetic_root, monkeypatch, with_detector)
 
 
 def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_stages(project, tmp_path):

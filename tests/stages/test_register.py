@@ -6,19 +6,14 @@ import json
 
 import pytest
 
-from conftest import stage_workdir
-from polypflow.settings.config import load_params
+from conftest import split_workdir
 from polypflow.settings.layout import method_layout
-from stages import evaluate, export, ingest, profile, register, split, train, validate
+from stages import evaluate, export, profile, register, train
 
 
 @pytest.fixture
 def trained(tmp_path, synthetic_root, monkeypatch):
-    root = stage_workdir(tmp_path, synthetic_root, monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    params = load_params("params.yaml")
-    for stage in (ingest, validate, split):
-        stage.run(params)
+    params = split_workdir(tmp_path, synthetic_root, monkeypatch)
     train.run(params, "unet")
     for stage in (evaluate, export, profile):
         stage.run(params, "unet")

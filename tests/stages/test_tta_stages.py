@@ -12,30 +12,25 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_pair, read_params, stage_workdir, write_params
+from conftest import make_pair, split_workdir
 from models.tta import FlipTTA
 from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.deploy import predict
 from polypflow.infer.predictor import SizeLimits
-from polypflow.settings.config import load_params
 from polypflow.settings.layout import method_layout
 from polypflow.tasks.segmentation import SegmentationTask, predict_probs
 from polypflow.train.checkpoint import load_trained
-from stages import evaluate, export, ingest, profile, register, split, train, validate
+from stages import evaluate, export, profile, register, train
+
+
+def tta_and_ema(settings: dict) -> None:
+    settings["methods"]["unet"]["model"]["tta"] = "hvflip"
+    settings["train"]["defaults"]["ema_decay"] = 0.9
 
 
 @pytest.fixture
 def params(tmp_path, synthetic_root, monkeypatch):
-    root = stage_workdir(tmp_path, synthetic_root, monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    settings = read_params(root)
-    settings["methods"]["unet"]["model"]["tta"] = "hvflip"
-    settings["train"]["defaults"]["ema_decay"] = 0.9
-    write_params(root, settings)
-    params = load_params("params.yaml")
-    for stage in (ingest, validate, split):
-        stage.run(params)
-    return params
+    return split_workdir(tmp_path, synthetic_root, monkeypatch, tta_and_ema)
 
 
 def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_alike(params, tmp_path):
