@@ -11,11 +11,16 @@ Then the int8 graph (``int8/model.onnx``): the task quantises the fp32 graph sta
 (``int8/check.json``, and under ``int8`` in ``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not
 fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not quantise
 writes only ``check.json``, saying why.
+
+A model shipped with test-time augmentation is also exported as its plain network (``plain/``: the same weights in
+one pass, its fp32 and int8 graphs scored on every test set in ``plain/check.json``), so profile@ and the report can
+set what the augmentation buys against what it costs; the shipped graph stays the augmented one.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import mlflow
 
@@ -23,7 +28,7 @@ from polypflow.io import read_json, write_json
 from polypflow.settings.config import Params
 from polypflow.settings.layout import method_layout
 from polypflow.tasks import task_of
-from polypflow.tasks.graphs import int8_check
+from polypflow.tasks.graphs import int8_check, plain_graphs
 from polypflow.track import runs as tracking
 from polypflow.train.checkpoint import load_trained
 from stages._cli import method_main
@@ -46,27 +51,34 @@ def run(params: Params, method: str) -> dict:
         raise RuntimeError(f"{files.onnx}: ONNX differs from PyTorch by {diff:.2e} > export.atol {params.export.atol}")
     report["int8"] = check = int8_check(params, method, meta, files.onnx, files.int8_onnx)
     write_json(files.int8_check, check)
+    report["plain"] = bare = plain_graphs(params, method, model, meta, files.plain_onnx, files.plain_int8_onnx)
+    write_json(files.plain_check, bare)
     write_json(files.parity, report)
     with tracking.stage_run(params, "export", method, parent_run_id=train_run) as run:
-        mlflow.log_metrics({"onnx_max_abs_diff": diff, "onnx_bytes": report["bytes"], **int8_metrics(check)})
+        mlflow.log_metrics({"onnx_max_abs_diff": diff, "onnx_bytes": report["bytes"], **int8_metrics(check),
+                            **{f"plain_{k}": v for k, v in int8_metrics(bare).items()}})
         mlflow.log_artifact(str(files.onnx), artifact_path="onnx")
         mlflow.log_dict(check, "onnx_int8/check.json")
         if check["quantised"]:
             mlflow.log_artifact(str(files.int8_onnx), artifact_path="onnx_int8")
+        if bare["applies"]:
+            mlflow.log_artifacts(str(files.plain_dir), artifact_path="onnx_plain")
     write_json(files.run_record("export"), {"run_id": run.info.run_id})
     log.info("%s: exported %s (%d bytes), max |onnx - torch| = %.2e", method, files.onnx, report["bytes"], diff)
-    log_int8(method, check)
+    log_int8(method, check, files.int8_check)
+    if bare["applies"]:
+        log_int8(f"{method} without its {bare['shipped_tta']} TTA", bare, files.plain_check)
     return report
 
 
 def int8_metrics(check: dict) -> dict[str, float]:
-    if not check["quantised"]:
+    if not check.get("quantised"):
         return {}
     scores = {f"{graph}_{dataset}_dice": s[graph] for dataset, s in check["test_sets"].items() for graph in ("fp32", "int8")}
     return {**scores, "int8_worst_dice_drop": check["worst_drop"], "int8_within_budget": float(check["within_budget"])}
 
 
-def log_int8(method: str, check: dict) -> None:
+def log_int8(method: str, check: dict, where: Path) -> None:
     if not check["quantised"]:
         log.info("%s: int8 %s", method, check["reason"])
         return
@@ -75,7 +87,7 @@ def log_int8(method: str, check: dict) -> None:
                  s["drop"])
     if not check["within_budget"]:
         log.warning("%s: int8 mDice drops by %.4f on a test set, more than export.int8_max_dice_drop %.4f: int8 not "
-                    "within budget (recorded in %s)", method, check["worst_drop"], check["max_drop"], "int8/check.json")
+                    "within budget (recorded in %s)", method, check["worst_drop"], check["max_drop"], where)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ size; latency is measured at the method's size, on the device present (CUDA when
 batch size of ``profile.batch_size``. ONNX Runtime on the CPU is also timed for the fp32 and int8 graphs at each
 size of ``profile.ort_sizes`` with each thread count of ``profile.ort_threads`` (``ort_grid``): the exported graph's
 size is fixed, so both are rebuilt from the checkpoint at each size in a temporary folder (the fp32 graph by the
-task's export, the int8 one by its quantisation, calibrated on the method's training images at that size).
+task's export, the int8 one by its quantisation, calibrated on the method's training images at that size). A model
+shipped with test-time augmentation has its plain network timed the same way (rows ``graph: plain``; export@ scores
+its accuracy in ``plain/check.json``), so what the augmentation costs is measured beside what it buys.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from polypflow.io import read_json, write_json
 from polypflow.settings.layout import method_layout
 from polypflow.evaluate.profiling import (count_macs, count_params, device_name, grid_metrics, ort_grid, ort_latency,
                                           torch_latency)
-from polypflow.tasks.graphs import graphs_at
+from polypflow.tasks.graphs import graphs_by_size
 from polypflow.infer.device import resolve_device
 from polypflow.train.checkpoint import load_trained
 from stages._cli import method_main
@@ -55,8 +57,9 @@ def run(params: Params, method: str) -> dict:
         "onnxruntime": ort_latency(session, size, cfg.batch_size, cfg.warmup, cfg.iterations),
     }
     with tempfile.TemporaryDirectory(prefix=f"profile-{method}-") as folder:
-        graphs = {s: graphs_at(params, method, model, meta, s, Path(folder)) for s in cfg.ort_sizes}
-        report["ort_grid"] = ort_grid(graphs, cfg.ort_threads, cfg.batch_size, cfg.warmup, cfg.iterations)
+        graphs = graphs_by_size(params, method, model, meta, cfg.ort_sizes, Path(folder))
+        report["ort_grid"] = [row for graph, at in graphs.items() for row in
+                              ort_grid(at, cfg.ort_threads, cfg.batch_size, cfg.warmup, cfg.iterations, graph)]
     write_json(files.profile, report)
     gmacs = f"gmacs_{cfg.macs_image_size}"  # GMACs at the papers' reference size
     flat = {"params": report["params"], gmacs: report["macs_at_macs_image_size"] / 1e9,
@@ -71,8 +74,8 @@ def run(params: Params, method: str) -> dict:
     log.info("%s: %.2f M params, %.2f GMACs@%d, torch p50 %.1f ms, ORT p50 %.1f ms", method, report["params"] / 1e6,
              flat[gmacs], cfg.macs_image_size, flat["torch_p50_ms"], flat["ort_p50_ms"])
     for row in report["ort_grid"]:
-        log.info("%s: ORT %s %d px, %d thread(s): p50 %.1f ms, %.1f FPS", method, row["precision"], row["size"],
-                 row["threads"], row["p50_ms"], row["fps"])
+        log.info("%s: ORT %s %s %d px, %d thread(s): p50 %.1f ms, %.1f FPS", method, row["graph"], row["precision"],
+                 row["size"], row["threads"], row["p50_ms"], row["fps"])
     return report
 
 

@@ -31,7 +31,8 @@ def test_dvc_yaml_declares_the_files_layout_names():
         assert stage_outs(repo, f"evaluate@{method}") == rel(
             *(f.eval_table(t) for t in ("per_image", "stability", "curves", "pr", "sweep")), f.cases_dir, f.gradcam_dir,
             f.run_record("evaluate"), f.eval_summary)
-        assert stage_outs(repo, f"export@{method}") == rel(f.onnx, f.int8_dir, f.run_record("export"), f.parity)
+        assert stage_outs(repo, f"export@{method}") == rel(f.onnx, f.int8_dir, f.plain_dir, f.run_record("export"),
+                                                            f.parity)
         assert stage_outs(repo, f"profile@{method}") == rel(f.profile, f.run_record("profile"))
         assert stage_outs(repo, f"register@{method}") == rel(f.registered)
         cv = method_layout(params, params.crossval.method)

@@ -65,22 +65,27 @@ def ort_latency(session, image_size: int, batch: int, warmup: int, iterations: i
 
 
 def ort_grid(graphs: Mapping[int, Mapping[str, Path]], threads: Sequence[int], batch: int, warmup: int,
-             iterations: int) -> list[dict]:
+             iterations: int, graph: str = "shipped") -> list[dict]:
     """ONNX Runtime latency of each graph (input size -> precision -> ONNX file) with each intra-op thread count:
-    one row per (precision, size, threads) with p50/p95 ms and FPS."""
+    one row per (precision, size, threads) with p50/p95 ms and FPS, labelled ``graph`` (``shipped``, or ``plain``:
+    the network of a model shipped with test-time augmentation, without it)."""
     rows = []
     for size, files in graphs.items():
         for precision, path in files.items():
             for n in threads:
                 stats = ort_latency(onnx_session(path, n), size, batch, warmup, iterations)
-                rows.append({"precision": precision, "size": size, "threads": n, "batch": batch,
+                rows.append({"graph": graph, "precision": precision, "size": size, "threads": n, "batch": batch,
                              "p50_ms": stats["p50_ms"], "p95_ms": stats["p95_ms"], "fps": stats["fps"]})
     return rows
 
 
 def grid_metrics(rows: Sequence[dict]) -> dict[str, float]:
-    """The grid's rows as flat MLflow metric names, e.g. ``ort_int8_352px_2t_fps``."""
-    return {f"ort_{r['precision']}_{r['size']}px_{r['threads']}t_{k}": r[k] for r in rows for k in ("p50_ms", "fps")}
+    """The grid's rows as flat MLflow metric names, e.g. ``ort_int8_352px_2t_fps`` (the shipped graph) and
+    ``ort_plain_int8_352px_2t_fps``."""
+    def name(r: dict) -> str:
+        graph = "" if r.get("graph", "shipped") == "shipped" else f"{r['graph']}_"
+        return f"ort_{graph}{r['precision']}_{r['size']}px_{r['threads']}t"
+    return {f"{name(r)}_{k}": r[k] for r in rows for k in ("p50_ms", "fps")}
 
 
 def device_name(device: torch.device) -> str:

@@ -156,16 +156,17 @@ def distribution_figure(methods: list[MethodResults]) -> bytes:
 
 
 def pareto_figure(points: pd.DataFrame, published: pd.DataFrame, xlabel: str) -> bytes:
-    """Accuracy against speed: our points (``pareto_points``: colour per method, circle fp32, square int8) with their
-    Pareto front as a step line; published points as grey stars, published maps without an FPS of ours as dotted
-    horizontal lines."""
+    """Accuracy against speed: our points (``pareto_points``: colour per method, circle fp32, square int8, hollow for
+    a TTA model's plain network) with their Pareto front as a step line; published points as grey stars, published
+    maps without an FPS of ours as dotted horizontal lines."""
     fig, (ax,) = _axes(1, width=7.0, height=4.4)
     colours = matplotlib.colormaps["tab10"].colors
     for i, (method, part) in enumerate(points.groupby("method", sort=False)):
-        for precision, marker in (("fp32", "o"), ("int8", "s")):
-            row = part[part["precision"] == precision]
-            ax.scatter(row["FPS"], row["mean Dice"], marker=marker, s=40, color=colours[i % len(colours)],
-                       label=f"{method} {precision}")
+        colour = colours[i % len(colours)]
+        for (graph, precision), row in part.groupby(["graph", "precision"], sort=False):
+            ax.scatter(row["FPS"], row["mean Dice"], marker="o" if precision == "fp32" else "s", s=40,
+                       edgecolors=colour, facecolors="none" if graph == "plain" else colour,
+                       label=f"{method} {precision}" + (" (plain network, no TTA)" if graph == "plain" else ""))
     front = points[points["front"] == "yes"].sort_values("FPS")
     if len(front):
         ax.step(front["FPS"], front["mean Dice"], where="post", color="grey", ls="--", lw=1, label="Pareto front (ours)")

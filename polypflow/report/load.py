@@ -36,6 +36,7 @@ class MethodResults:
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-epoch training curve (history.csv)
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # per video sequence (stability.csv)
     int8: dict | None = None  # export's int8 check (int8/check.json): quantised or why not, Dice of both graphs
+    plain: dict | None = None  # a TTA model's plain network (plain/check.json): applies or not, Dice of its graphs
 
     @property
     def label(self) -> str:
@@ -83,7 +84,7 @@ def load_method(params: Params, method: str) -> MethodResults:
     return MethodResults(method, params.method_arch(method)[0], *read_evaluation(files, "evaluate"), files.eval_dir,
                          read_json(files.profile), read_json(files.metrics) or {}, read_json(files.registered) or {},
                          history=read_csv(files.history), stability=read_csv(files.eval_table("stability")),
-                         int8=read_json(files.int8_check))
+                         int8=read_json(files.int8_check), plain=read_json(files.plain_check))
 
 
 def load_external(params: Params, name: str) -> MethodResults:

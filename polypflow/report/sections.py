@@ -232,10 +232,13 @@ def pareto_blocks(cost: Section, methods: list[MethodResults], papers: dict, fig
     cost.figure("pareto", fig.pareto_figure(points, published, f"ONNX Runtime FPS at {setting[0]} px, {setting[1]} "
                                                                  f"threads{device}"),
                 f"Accuracy against speed: each segmenter's fp32 and int8 graph at {setting[0]} px with {setting[1]} "
-                "threads (both shown, not the better of the two), Dice at the size it was trained at ('trained at'); "
+                "threads (both shown, not the better of the two), a model shipped with test-time augmentation also "
+                "without it (hollow: its plain network, same weights, one pass), Dice at the size it was trained at "
+                "('trained at'); "
                 "the dashed step is our Pareto front. Published maps scored here have no FPS of ours (dotted lines); "
                 "a published CPU point (star) is not like with like: its own data, protocol and CPU.")
-    cost.table(points, "The chart's points (int8 Dice from export's check, int8/check.json)")
+    cost.table(points, "The chart's points (int8 Dice from export's check, int8/check.json; the plain network's from "
+                       "plain/check.json)")
     cost.table(published, "Beside them: published maps scored here, published CPU figures (references/paper_figures.yaml)")
 
 

@@ -174,9 +174,11 @@ def profile_table(methods: list[MethodResults]) -> pd.DataFrame:
 
 
 def ort_grid_table(methods: list[MethodResults]) -> pd.DataFrame:
-    """ONNX Runtime on the CPU, fp32 and int8, at each size and thread count of each method's profile (``ort_grid``)."""
-    rows = [{"method": m.label, "precision": r["precision"], "size": r["size"], "threads": r["threads"],
-             "batch": r["batch"], "p50 ms": r["p50_ms"], "p95 ms": r["p95_ms"], "FPS": r["fps"]}
+    """ONNX Runtime on the CPU, fp32 and int8, at each size and thread count of each method's profile (``ort_grid``):
+    the shipped graph, and a TTA model's plain network (``graph``)."""
+    rows = [{"method": m.label, "graph": r.get("graph", "shipped"), "precision": r["precision"], "size": r["size"],
+             "threads": r["threads"], "batch": r["batch"], "p50 ms": r["p50_ms"], "p95 ms": r["p95_ms"],
+             "FPS": r["fps"]}
             for m in methods for r in (m.profile or {}).get("ort_grid", [])]
     return pd.DataFrame(rows)
 
@@ -192,22 +194,32 @@ def chart_setting(methods: list[MethodResults]) -> tuple[int, int] | None:
     return (max(r["size"] for r in grid), max(r["threads"] for r in grid)) if grid else None
 
 
+def check_dice(check: dict | None, graph: str) -> float | None:
+    """Mean over the test sets of an export check's (``int8/check.json``, ``plain/check.json``) Dice of ``graph``
+    (``fp32`` or ``int8``); None where the check has no such graph."""
+    if not (check or {}).get("quantised"):  # a plain check that does not apply has no graphs
+        return None
+    return float(np.mean([s[graph] for s in check["test_sets"].values()]))
+
+
 def pareto_points(methods: list[MethodResults]) -> pd.DataFrame:
     """Each segmenter of ours as fp32 and int8 points: ORT FPS at :func:`chart_setting` against mean Dice over the
     test sets (fp32: the evaluation's; int8: the export check's, both at the method's threshold at the masks'
-    resolution, with the model at the size it was trained at: ``trained at``); ``front``: on the Pareto front of
-    these points (no other is at least as fast and as accurate)."""
+    resolution, with the model at the size it was trained at: ``trained at``), and for a model shipped with
+    test-time augmentation its plain network's two points too (``graph: plain``, Dice from plain/check.json);
+    ``front``: on the Pareto front of these points (no other is at least as fast and as accurate)."""
     setting, rows = chart_setting(methods), []
     for m in (m for m in methods if not m.external and not m.detector and m.summary):
-        dice = {"fp32": mean_dice(m)}
-        if (m.int8 or {}).get("quantised"):
-            dice["int8"] = float(np.mean([s["int8"] for s in m.int8["test_sets"].values()]))
+        dice = {("shipped", "fp32"): mean_dice(m), ("shipped", "int8"): check_dice(m.int8, "int8"),
+                ("plain", "fp32"): check_dice(m.plain, "fp32"), ("plain", "int8"): check_dice(m.plain, "int8")}
         for r in (m.profile or {}).get("ort_grid", []):
-            if (r["size"], r["threads"]) == setting and r["precision"] in dice:
-                rows.append({"method": m.label, "precision": r["precision"], "trained at": m.image_size,
-                             "size": r["size"], "threads": r["threads"], "FPS": r["fps"],
-                             "mean Dice": dice[r["precision"]]})
-    table = pd.DataFrame(rows, columns=["method", "precision", "trained at", "size", "threads", "FPS", "mean Dice"])
+            graph = (r.get("graph", "shipped"), r["precision"])
+            if (r["size"], r["threads"]) == setting and dice.get(graph) is not None:
+                rows.append({"method": m.label, "graph": graph[0], "precision": r["precision"],
+                             "trained at": m.image_size, "size": r["size"], "threads": r["threads"], "FPS": r["fps"],
+                             "mean Dice": dice[graph]})
+    table = pd.DataFrame(rows, columns=["method", "graph", "precision", "trained at", "size", "threads", "FPS",
+                                        "mean Dice"])
     fps, dice = table["FPS"].to_numpy(), table["mean Dice"].to_numpy()
     dominated = [bool(np.any((fps >= f) & (dice >= d) & ((fps > f) | (dice > d)))) for f, d in zip(fps, dice)]
     return table.assign(front=["no" if d else "yes" for d in dominated])

@@ -99,6 +99,24 @@ class MethodLayout:
         return self.int8_dir / "check.json"
 
     @property
+    def plain_dir(self) -> Path:
+        """A model shipped with test-time augmentation as its plain network: ``model.onnx``, ``int8/model.onnx``
+        and ``check.json`` (only ``check.json``, saying so, for a model without one)."""
+        return self._dir("export") / "plain"
+
+    @property
+    def plain_onnx(self) -> Path:
+        return self.plain_dir / "model.onnx"
+
+    @property
+    def plain_int8_onnx(self) -> Path:
+        return self.plain_dir / "int8" / "model.onnx"
+
+    @property
+    def plain_check(self) -> Path:
+        return self.plain_dir / "check.json"
+
+    @property
     def profile(self) -> Path:
         return self._dir("profile") / "profile.json"
 

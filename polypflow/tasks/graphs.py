@@ -1,6 +1,7 @@
 """A method's deployable graphs beyond the one export@ writes: its int8 graph (quantised by its task from the exported
-fp32 graph, calibrated on the images it trained on, checked against fp32 on every test set), and both graphs rebuilt
-at other input sizes (what profile@ times)."""
+fp32 graph, calibrated on the images it trained on, checked against fp32 on every test set), the plain network of a
+model shipped with test-time augmentation (one pass, same weights: what the augmentation costs and buys), and the
+graphs rebuilt at other input sizes (what profile@ times)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from models.tta import plain
 from polypflow.settings.config import Params
 from polypflow.tasks import task_of
 from polypflow.tasks.plan import calibration_batches
@@ -43,3 +45,33 @@ def graphs_at(params: Params, method: str, model: nn.Module, meta: dict, size: i
     task.export(model.cpu(), {**meta, "image_size": size}, fp32, params.export.opset)  # ONNX Runtime's CPU graphs
     declined = task(params).quantize(fp32, int8, calibration_batches(params, method, size))
     return {"fp32": fp32} if declined else {"fp32": fp32, "int8": int8}
+
+
+def plain_graphs(params: Params, method: str, model: nn.Module, meta: dict, fp32: Path, int8: Path) -> dict[str, Any]:
+    """For a model shipped with flip test-time augmentation (:mod:`models.tta`), its plain network, one pass with the
+    same weights: the fp32 graph written to ``fp32`` (its parity to PyTorch must stay under ``export.atol``) and
+    :func:`int8_check` of it to ``int8``, both scored on every test set like the shipped graphs. A model without
+    augmentation writes nothing (``applies: false``): its shipped graphs are its plain network."""
+    net = plain(model)
+    if net is model:
+        fp32.unlink(missing_ok=True)  # graphs of an earlier run must not outlive a model that no longer has TTA
+        int8.unlink(missing_ok=True)
+        return {"applies": False, "reason": "no test-time augmentation: the shipped graphs are the plain network"}
+    diff, _ = task_of(meta["arch"]).export(net.cpu(), meta, fp32, params.export.opset)
+    if diff > params.export.atol:
+        raise RuntimeError(f"{fp32}: ONNX differs from PyTorch by {diff:.2e} > export.atol {params.export.atol}")
+    return {"applies": True, "shipped_tta": model.tta, "max_abs_diff": diff,
+            **int8_check(params, method, meta, fp32, int8)}
+
+
+def graphs_by_size(params: Params, method: str, model: nn.Module, meta: dict, sizes: list[int],
+                   folder: Path) -> dict[str, dict[int, dict[str, Path]]]:
+    """:func:`graphs_at` each of ``sizes`` for the ``shipped`` model and, where it is shipped with test-time
+    augmentation, for its ``plain`` network too: graph -> size -> precision -> file, written under ``folder``."""
+    bare = plain(model)
+    models = {"shipped": model} | ({"plain": bare} if bare is not model else {})
+    graphs = {}
+    for graph, net in models.items():
+        (folder / graph).mkdir(parents=True, exist_ok=True)
+        graphs[graph] = {s: graphs_at(params, method, net, meta, s, folder / graph) for s in sizes}
+    return graphs

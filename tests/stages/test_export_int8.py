@@ -43,13 +43,16 @@ def test_export_writes_a_checked_int8_graph_and_profile_times_both_at_each_size(
     assert check["within_budget"] == (check["worst_drop"] <= params.export.int8_max_dice_drop)
     logged = MlflowClient().get_run(json.loads(files.run_record("export").read_text())["run_id"])
     assert {f"int8_{d}_dice" for d in tested} | {"int8_within_budget", "int8_worst_dice_drop"} <= set(logged.data.metrics)
+    plain = json.loads(files.plain_check.read_text())  # no TTA: the shipped graphs are the plain network
+    assert plain == report["plain"] and plain["applies"] is False and not files.plain_onnx.exists()
+    assert not any(name.startswith("plain_") for name in logged.data.metrics)
 
     cost = profile.run(params, "unet")
-    grid = {(r["precision"], r["size"], r["threads"]) for r in cost["ort_grid"]}
+    grid = {(r["graph"], r["precision"], r["size"], r["threads"]) for r in cost["ort_grid"]}
     cfg = params.profile
-    assert grid == {(p, s, t) for p in ("fp32", "int8") for s in cfg.ort_sizes for t in cfg.ort_threads}
+    assert grid == {("shipped", p, s, t) for p in ("fp32", "int8") for s in cfg.ort_sizes for t in cfg.ort_threads}
     for row in cost["ort_grid"]:
-        assert set(row) == {"precision", "size", "threads", "batch", "p50_ms", "p95_ms", "fps"}
+        assert set(row) == {"graph", "precision", "size", "threads", "batch", "p50_ms", "p95_ms", "fps"}
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["fps"] == pytest.approx(1e3 * row["batch"] / row["p50_ms"])
     assert json.loads(files.profile.read_text())["ort_grid"] == cost["ort_grid"]
 

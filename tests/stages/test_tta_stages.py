@@ -1,10 +1,11 @@
 """A segmenter shipped with flip TTA and EMA weights through the stages: what train@ validates, evaluate@ scores,
 export@ writes to ONNX, predict draws and the registered model serves are the same TTA maps (issue 23: the figure a
-user gets is the figure reported)."""
+user gets is the figure reported); its plain network is exported, scored and timed beside it."""
 
 from __future__ import annotations
 
 import base64
+import json
 
 import mlflow
 import numpy as np
@@ -16,7 +17,8 @@ from conftest import make_pair, split_workdir
 from models.tta import FlipTTA
 from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.deploy import predict
-from polypflow.infer.predictor import SizeLimits
+from polypflow.infer.onnx import onnx_session
+from polypflow.infer.predictor import OnnxBackend, Predictor, SizeLimits
 from polypflow.settings.layout import method_layout
 from polypflow.tasks.segmentation import SegmentationTask, predict_probs
 from polypflow.train.checkpoint import load_trained
@@ -26,6 +28,7 @@ from stages import evaluate, export, profile, register, train
 def tta_and_ema(settings: dict) -> None:
     settings["methods"]["unet"]["model"]["tta"] = "hvflip"
     settings["train"]["defaults"]["ema_decay"] = 0.9
+    settings["profile"]["ort_sizes"] = [64]  # the grid, for the shipped graph and the plain network
 
 
 @pytest.fixture
@@ -55,7 +58,21 @@ def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_
     # the ONNX graph holds the flips; predict with it, with model.pt and the served model give the same masks
     report = export.run(params, "unet")
     assert report["max_abs_diff"] <= params.export.atol
-    profile.run(params, "unet")
+
+    # beside it, the plain network (same weights, one pass): its fp32 and int8 graphs scored on every test set, timed
+    bare = json.loads(files.plain_check.read_text())
+    assert bare == report["plain"] and bare["applies"] and bare["shipped_tta"] == "hvflip" and bare["quantised"]
+    assert bare["max_abs_diff"] <= params.export.atol and files.plain_onnx.exists() and files.plain_int8_onnx.exists()
+    shipped = json.loads(files.int8_check.read_text())["test_sets"]
+    assert set(bare["test_sets"]) == set(shipped)
+    assert any(bare["test_sets"][d]["fp32"] != shipped[d]["fp32"] for d in shipped)  # not the TTA graph again
+    graph = Predictor(OnnxBackend(onnx_session(files.plain_onnx)), meta["image_size"], 0.5)
+    np.testing.assert_allclose(graph.predict_resized(data.images), maps[1], atol=1e-4)  # the plain network's maps
+    logged = mlflow.MlflowClient().get_run(json.loads(files.run_record("export").read_text())["run_id"])
+    assert {f"plain_int8_{d}_dice" for d in shipped} <= set(logged.data.metrics)
+    cost = profile.run(params, "unet")
+    timed = {(r["graph"], r["precision"]) for r in cost["ort_grid"]}
+    assert timed == {(g, p) for g in ("shipped", "plain") for p in ("fp32", "int8")}
     register.run(params, "unet")
     frames = tmp_path / "frames"
     frames.mkdir()

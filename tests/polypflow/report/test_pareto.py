@@ -18,20 +18,27 @@ from tests.polypflow.report.test_report import crafted_project, with_published_m
 pytestmark = pytest.mark.quick
 
 
-def grid(fp32: float, int8: float, size: int = 352) -> list[dict]:
-    """An ORT grid at ``size`` px with 1 and 2 threads (2 threads at the given FPS)."""
-    return [{"precision": p, "size": size, "threads": t, "batch": 1, "p50_ms": 1e3 * t / (2 * f), "p95_ms": 1e3 / f,
-             "fps": f * t / 2} for p, f in (("fp32", fp32), ("int8", int8)) for t in (1, 2)]
+def grid(fp32: float, int8: float, size: int = 352, graph: str | None = None) -> list[dict]:
+    """An ORT grid at ``size`` px with 1 and 2 threads (2 threads at the given FPS); rows without ``graph`` are the
+    shipped graph's, as profiles written before the plain network was timed."""
+    label = {"graph": graph} if graph else {}
+    return [{**label, "precision": p, "size": size, "threads": t, "batch": 1, "p50_ms": 1e3 * t / (2 * f),
+             "p95_ms": 1e3 / f, "fps": f * t / 2} for p, f in (("fp32", fp32), ("int8", int8)) for t in (1, 2)]
+
+
+def export_check(dice: dict[str, float], int8: dict[str, float] | None) -> dict:
+    """An export check (int8/check.json, plain/check.json) of graphs with fp32 ``dice`` and ``int8`` drops."""
+    if not int8:
+        return {"quantised": False, "reason": "declined"}
+    return {"quantised": True, "test_sets": {d: {"n": 5, "fp32": v, "int8": v - int8[d]} for d, v in dice.items()}}
 
 
 def results(name: str, dice: dict[str, float], ort: list[dict] | None, int8: dict[str, float] | None = None,
-            external: bool = False, arch: str = "unet") -> MethodResults:
-    check = {"quantised": True, "test_sets": {d: {"n": 5, "fp32": v, "int8": v - int8[d]} for d, v in dice.items()}} \
-        if int8 else {"quantised": False, "reason": "declined"}
+            external: bool = False, arch: str = "unet", plain: dict | None = None) -> MethodResults:
     return MethodResults(name, arch, {d: {"dice_at_method_threshold": v} for d, v in dice.items()}, pd.DataFrame(),
                          pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), Path("."),
                          {"image_size": 128, "ort_grid": ort} if ort else None, {"image_size": 128}, {},
-                         external=external, int8=None if external else check)
+                         external=external, int8=None if external else export_check(dice, int8), plain=plain)
 
 
 def test_points_are_fp32_and_int8_at_the_largest_size_with_most_threads_and_the_front_is_the_undominated_ones():
@@ -49,6 +56,25 @@ def test_points_are_fp32_and_int8_at_the_largest_size_with_most_threads_and_the_
     assert row.loc[("fast", "int8"), "mean Dice"] == pytest.approx(0.63)  # the check's int8 Dice, mean over sets
     on_front = set(points.loc[points["front"] == "yes", "method"] + " " + points.loc[points["front"] == "yes", "precision"])
     assert on_front == {"fast fp32", "fast int8", "slow_good fp32", "slow_good int8"}  # 'dominated' is slower and worse
+
+
+def test_a_tta_model_adds_its_plain_network_as_hollow_points_scored_by_its_own_check():
+    plain = {"applies": True, "shipped_tta": "hvflip", **export_check({"a": 0.80, "b": 0.70}, {"a": 0.02, "b": 0.02})}
+    tta = results("tta", {"a": 0.84, "b": 0.74}, grid(10.0, 20.0, graph="shipped") + grid(30.0, 60.0, graph="plain"),
+                  int8={"a": 0.0, "b": 0.0}, plain=plain)
+    untouched = results("no_tta", {"a": 0.5, "b": 0.5}, grid(35.0, 36.0), int8={"a": 0.0, "b": 0.0},
+                        plain={"applies": False, "reason": "no test-time augmentation"})
+    points = tables.pareto_points([tta, untouched]).set_index(["method", "graph", "precision"])
+    assert len(points) == 6 and set(points.loc["no_tta"].index) == {("shipped", "fp32"), ("shipped", "int8")}
+    assert points.loc[("tta", "plain", "fp32"), ["FPS", "mean Dice"]].tolist() == pytest.approx([30.0, 0.75])
+    assert points.loc[("tta", "plain", "int8"), ["FPS", "mean Dice"]].tolist() == pytest.approx([60.0, 0.73])
+    assert points.loc[("tta", "shipped", "fp32"), "mean Dice"] == pytest.approx(0.79)  # the evaluation's, with TTA
+    assert points.loc[("tta", "plain", "int8"), "front"] == "yes"
+    assert points.loc[("no_tta", "shipped", "fp32"), "front"] == "no"  # the plain int8 graph is faster and better
+    assert set(tables.ort_grid_table([tta])["graph"]) == {"shipped", "plain"}
+    none = pd.DataFrame(columns=["label", "FPS", "mean Dice", "note"])
+    png = figures.pareto_figure(points.reset_index(), none, "FPS")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_published_points_mark_maps_without_our_fps_and_cpu_papers_as_not_like_with_like():
@@ -84,6 +110,6 @@ def test_report_draws_the_chart_and_its_points_table(tmp_path, synthetic_root):
     report_stage.run(params)
     markdown = (params.paths.reports / "report.md").read_text()
     assert "](figures/pareto.png)" in markdown and (params.paths.reports / "figures" / "pareto.png").stat().st_size > 5000
-    assert "| unet | int8 | 64 | 352 | 2 | 24.0" in markdown  # 'better' has no profile: no point
-    assert "| unet | fp32 | 64 | 256 | 2 | 40.0" not in markdown.split("The chart's points")[1]
+    assert "| unet | shipped | int8 | 64 | 352 | 2 | 24.0" in markdown  # 'better' has no profile: no point
+    assert "| unet | shipped | fp32 | 64 | 256 | 2 | 40.0" not in markdown.split("The chart's points")[1]
     assert "PraNet (published maps): FPS not measured here" in markdown and "UltraSeg-130K" in markdown
