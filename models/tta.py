@@ -6,6 +6,12 @@
 (the flips are in the graph) and served. In training mode it is the plain network; in eval mode each output map
 is the mean of the network's logits over the identity and the flips, each flipped back.
 
+The model also carries the **temperature** its main map ships with (:func:`temperature`): the map is
+``sigmoid(T * logit)``, ``T`` chosen by train@ on validation (``train.temperatures``) and kept in the trained
+model's metadata, set on the module by ``load_trained``; the predictor and the exported graph apply it, so the
+served, exported and evaluated maps are the same. It is a plain attribute, not a weight: a checkpoint's
+``state_dict`` is the same whatever it is.
+
 Written by hand rather than with ``ttach``: that package (last release 2020) wraps networks returning one tensor,
 and every segmenter of the registry returns a tuple of maps (``models.registry``'s contract).
 """
@@ -55,5 +61,25 @@ def with_tta(net: nn.Module, tta: Tta) -> nn.Module:
 
 
 def plain(model: nn.Module) -> nn.Module:
-    """The network inside a :class:`FlipTTA` (what Grad-CAM explains: one view, one pass), else ``model``."""
-    return model.net if isinstance(model, FlipTTA) else model
+    """The network inside a :class:`FlipTTA` (what Grad-CAM explains: one view, one pass), with the model's
+    temperature, else ``model``."""
+    return with_temperature(model.net, temperature(model)) if isinstance(model, FlipTTA) else model
+
+
+def temperature(model: nn.Module) -> float:
+    """The scale ``T`` on the main map's logits the model ships with (1: the network's own map)."""
+    return float(getattr(model, "temperature", 1.0))
+
+
+def with_temperature(model: nn.Module, value: float) -> nn.Module:
+    """``model`` shipping its main map as ``sigmoid(value * logit)``."""
+    if not value > 0:
+        raise ValueError(f"temperature must be > 0, got {value}")
+    model.temperature = float(value)
+    return model
+
+
+def scaled(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` scaled by the model's temperature (untouched at 1: the graph is the network's own)."""
+    t = temperature(model)
+    return logits if t == 1 else logits * t

@@ -44,15 +44,21 @@ def fit_checkpoint(params: Params, method: str, resume: bool = True, on_epoch=No
     return fit_plan(params, training_plan(params, method), method_layout(params, method).checkpoint, resume, on_epoch)
 
 
-def validation(params: Params, model: torch.nn.Module, plan: MethodPlan, threshold: float) -> tuple[pd.DataFrame, dict]:
-    """Each validation image's score at ``threshold`` (the task's: Dice, a detector's box F1), for promotion, and
-    what the task chooses on the validation sequences for video (a segmenter's smoothing)."""
+def validation(params: Params, model: torch.nn.Module, plan: MethodPlan,
+               threshold: float) -> tuple[pd.DataFrame, dict, dict]:
+    """What the task chooses on the validation images for the model to ship with (a segmenter's map temperature and
+    the threshold moved with it, :meth:`~polypflow.tasks.base.Task.calibrate`, set on ``model``) and on the
+    validation sequences for video (a segmenter's smoothing); each validation image's score at the shipped
+    threshold (the task's: Dice, a detector's box F1), for promotion."""
     facts, device = read_facts(params), resolve_device(params.device)
     val = load_image_set(facts, plan.val_keys, plan.recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
+    calibration = plan.task.calibrate(model, val, threshold, device)
+    threshold = calibration.get("threshold", threshold)
     scores = plan.task.val_scores(model, val, threshold, device)
     sequences = list(sequences_of(facts, val.keys, params.video_datasets()).values())
     video = plan.task.video_meta(model, val, sequences, threshold, device)
-    return pd.DataFrame({"key": pd.Series(plan.val_keys, dtype=str), plan.task.val_score: pd.Series(scores, dtype=float)}), video
+    per_image = pd.DataFrame({"key": pd.Series(plan.val_keys, dtype=str), plan.task.val_score: pd.Series(scores, dtype=float)})
+    return per_image, calibration, video
 
 
 def run(params: Params, method: str, resume: bool = True) -> dict:
@@ -70,17 +76,18 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         epochs.backfill(result.history)
         if isinstance(getattr(model, "threshold", None), torch.Tensor):
             model.threshold.fill_(result.threshold)
+        val_scores, calibration, video = validation(params, model, plan, result.threshold)
+        threshold, shipped = calibration.pop("threshold", result.threshold), calibration.pop("val_meandic", {})
         mean, std = NORMALIZATION[recipe.normalize]
         meta = {"method": method, "arch": plan.arch, "task": task.name, "model_kwargs": plan.kwargs,
                 "image_size": recipe.image_size, "normalize": recipe.normalize, "mean": list(mean), "std": list(std),
-                "threshold": result.threshold, task.metric: result.best_score, "best_epoch": result.best_epoch,
-                **task.meta()}
-        val_scores, video = validation(params, model, plan, result.threshold)
-        meta.update(video)
+                "threshold": threshold, task.metric: result.best_score, "best_epoch": result.best_epoch,
+                **task.meta(), **calibration, **video}
         history = pd.DataFrame([{**row, "val_score": task.select(row)} for row in result.history])
+        candidates = {f"val_meandic_t{t}": score for t, score in shipped.items()}
         metrics = {task.metric: result.best_score, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                   "threshold": result.threshold, "image_size": recipe.image_size}
-        mlflow.log_metrics({f"best_{task.metric}": result.best_score, "threshold": result.threshold,
+                   "threshold": threshold, "image_size": recipe.image_size, **calibration, **candidates}
+        mlflow.log_metrics({f"best_{task.metric}": result.best_score, "threshold": threshold, **calibration, **candidates,
                             **{f"smoothing.{k}": v for k, v in video.get("smoothing", {}).items() if not isinstance(v, str)}})
         mlflow.log_text(history.to_csv(index=False), "history.csv")
         mlflow.log_text(val_scores.to_csv(index=False), tracking.VAL_SCORES_ARTIFACT)

@@ -116,6 +116,13 @@ def toolbox_inputs(prob: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.n
     return pred, mask.astype(bool).astype(np.uint8) * 255
 
 
+def toolbox_dice(prob: np.ndarray, mask: np.ndarray) -> float:
+    """The toolbox's ``meanDic`` of one map alone (:func:`toolbox_metrics`' ``tb_dice``, without its other figures)."""
+    fm = sod.FmeasureV2({"dice": sod.DICEHandler(with_dynamic=True, with_adaptive=False)})
+    fm.step(*sod.utils.prepare_data(*toolbox_inputs(prob, mask)), normalize=False)
+    return float(fm.get_results()["dice"]["dynamic"].mean())
+
+
 def toolbox_metrics(prob: np.ndarray, mask: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The toolbox's per-image figures and curves (ascending threshold) of one map, via pysodmetrics."""
     pred, gt = sod.utils.prepare_data(*toolbox_inputs(prob, mask))  # once, as each step(normalize=True) would

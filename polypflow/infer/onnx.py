@@ -28,6 +28,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from models.gfl_atss import Detections, postprocess
+from models.tta import scaled
 from polypflow.infer.predictor import Decoding
 from polypflow.io import atomic_path
 
@@ -35,8 +36,8 @@ Head = Callable[[nn.Module, object, torch.Tensor], torch.Tensor | tuple[torch.Te
 
 
 def probability(model: nn.Module, outputs: tuple[torch.Tensor, ...], image: torch.Tensor) -> torch.Tensor:
-    """A segmenter's head: the main map's probability, N×1×S×S."""
-    return torch.sigmoid(outputs[0])
+    """A segmenter's head: the main map's probability at the model's temperature, N×1×S×S."""
+    return torch.sigmoid(scaled(model, outputs[0]))
 
 
 def anchor_boxes(model: nn.Module, outputs: object, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from models.gfl_atss import Detections
+from models.tta import scaled
 from polypflow.data.images import resize_image, to_tensor
 from polypflow.infer.device import CPU
 from polypflow.infer.temporal import Smoothing
@@ -96,7 +97,7 @@ class MapBackend:
 
 class TorchBackend(MapBackend):
     """A registry segmenter (a tuple of logit maps, main map first) as a function of uint8 RGB batches: the main
-    map's probability; the model is put in eval mode."""
+    map's probability at the model's temperature (``models.tta.temperature``); the model is put in eval mode."""
 
     def __init__(self, model: nn.Module, normalize: Normalization, device: torch.device = CPU,
                  channels_last: bool = False) -> None:
@@ -113,7 +114,7 @@ class TorchBackend(MapBackend):
         x = self.tensor(images)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.model(x)[0]
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        return torch.sigmoid(scaled(self.model, logits.float()))[:, 0].cpu().numpy()
 
 
 class OnnxBackend(MapBackend):

@@ -178,6 +178,15 @@ class MethodSpec(Strict):
 class Train(Strict):
     methods: list[str]
     defaults: Recipe
+    # candidate temperatures T of a segmenter's shipped map sigmoid(T * logit), chosen by train@ on validation
+    temperatures: list[float] = Field([1.0], min_length=1)
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, value: list[float]) -> list[float]:
+        if not all(t > 0 for t in value):
+            raise ValueError(f"each temperature must be > 0, got {value}")
+        return value
 
 
 class Crossval(Strict):

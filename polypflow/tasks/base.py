@@ -48,6 +48,9 @@ class Task(TrainingTask, Protocol):
         """What a trained model's metadata carries beyond the common keys (e.g. a detector's decoding)."""
     def val_scores(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> np.ndarray:
         """Each validation image's score at ``threshold`` (promotion compares these image by image)."""
+    def calibrate(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> dict[str, Any]:
+        """What the trained ``model`` ships with beyond its weights, chosen on ``val`` and set on it (a segmenter's
+        map temperature, its ``threshold`` moved with it); metadata keys, plus the candidates' scores."""
     def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
                    device: torch.device) -> dict[str, Any]:
         """What a trained model's metadata carries for video, chosen on the validation ``sequences`` (indices of

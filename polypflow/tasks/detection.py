@@ -113,6 +113,10 @@ class DetectionTask:
         d = self.decoding
         return {"decode": {"score_threshold": d.score_threshold, "nms_iou": d.nms_iou, "max_detections": d.max_detections}}
 
+    def calibrate(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> dict[str, Any]:
+        """Nothing: a detector's scores ship as trained."""
+        return {}
+
     def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
                    device: torch.device) -> dict[str, Any]:
         """Nothing: a detector's boxes are not smoothed over frames (its stability is not measured either)."""

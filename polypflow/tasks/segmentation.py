@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.tta import plain
+from models.tta import plain, with_temperature
 from polypflow.data.images import (ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask,
                                    read_splits)
 from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
@@ -30,7 +30,8 @@ from polypflow.evaluate.runner import (Scorer, Source, TestSetScores, json_numbe
                                        workers)
 from polypflow.evaluate.stability import (FILM, SEQUENCE_COLUMNS, VideoScores, film_strip, sequences_of, smooth_whole,
                                            tune_smoothing, video_scores)
-from polypflow.evaluate.seg_metrics import LEVELS, MODEL_DICE, TOOLBOX_CURVES, dice_batch, score_image, summarize
+from polypflow.evaluate.seg_metrics import (LEVELS, MODEL_DICE, TOOLBOX_CURVES, dice_batch, score_image, summarize,
+                                             toolbox_dice)
 from polypflow.infer.device import CPU
 from polypflow.infer.onnx import DeployGraph, export_onnx, onnx_session, parity, probability, quantize_int8
 from polypflow.infer.predictor import OnnxBackend, Predictor, TorchBackend, to_resolution, trained_predictor
@@ -59,6 +60,18 @@ def grid_dice(probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def search_threshold(probs: np.ndarray, masks: np.ndarray) -> float:
     """The binarisation threshold maximising mean Dice (grid 0.05..0.95), as CRIS chooses it."""
     return float(THRESHOLD_GRID[int(np.argmax(grid_dice(probs, masks)))])
+
+
+def logit(prob: np.ndarray) -> np.ndarray:
+    """Float64 logits of float32 probabilities (clipped where float32 saturates: those pixels stay saturated at
+    any temperature above 1)."""
+    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Float32 probabilities of float64 logits."""
+    return (1 / (1 + np.exp(-np.clip(z, -80, 80)))).astype(np.float32)
 
 
 def selection_score(metrics: dict) -> float:
@@ -120,6 +133,24 @@ class SegmentationTask:
 
     def meta(self) -> dict[str, Any]:
         return {}
+
+    def calibrate(self, model: nn.Module, val: ImageSet, threshold: float, device: torch.device) -> dict[str, Any]:
+        """The temperature ``T`` the model ships its map with, ``sigmoid(T * logit)``: of ``train.temperatures``,
+        the one with the best mean toolbox meanDic on the validation images at the model's size (the first on a
+        tie), set on ``model``. The threshold moves with it (``sigmoid(T * logit(threshold))``), so the same pixels
+        are polyp: the mask does not change, the map's spread does (meanDic averages Dice over 256 thresholds of
+        the map). Returns ``temperature``, ``threshold`` and ``val_meandic`` (each candidate's score)."""
+        candidates = self.params.train.temperatures
+        if not len(val.keys) or candidates == [1.0]:
+            return {"temperature": 1.0, "threshold": threshold, "val_meandic": {}}
+        with_temperature(model, 1.0)
+        logits = logit(predict_probs(model, val.images, self.recipe.normalize, device, self.recipe.channels_last))
+        scores = {f"{t:g}": float(np.mean([toolbox_dice(sigmoid(t * z), m) for z, m in zip(logits, val.masks, strict=True)]))
+                  for t in candidates}
+        chosen = candidates[int(np.argmax(list(scores.values())))]
+        with_temperature(model, chosen)
+        moved = float(sigmoid(chosen * logit(np.array(threshold))))
+        return {"temperature": float(chosen), "threshold": moved, "val_meandic": scores}
 
     def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
                    device: torch.device) -> dict[str, Any]:

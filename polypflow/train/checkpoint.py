@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models import build_model
+from models.tta import with_temperature
 from polypflow.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ def save_trained(path: Path, model: nn.Module, **meta) -> None:
 
 
 def load_trained(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by :func:`save_trained` (``weights_only`` load); return it with its metadata."""
+    """Rebuild a model saved by :func:`save_trained` (``weights_only`` load), at the temperature it was shipped with
+    (``models.tta.temperature``); return it with its metadata."""
     meta = load_checkpoint(path)
     model = build_model(meta["arch"], **{**meta["model_kwargs"], "pretrained": "none"})
     model.load_state_dict(meta.pop("state_dict"))
-    return model.eval(), meta
+    return with_temperature(model, meta.get("temperature", 1.0)).eval(), meta
 
 
 def set_aside_foreign(checkpoint: Path, fingerprint: str) -> list[Path]:

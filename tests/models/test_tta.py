@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from models import build_model, check_kwargs, method_entry
-from models.tta import FlipTTA
+from models.tta import FlipTTA, plain, temperature, with_temperature
 from polypflow.data.images import NORMALIZATION
+from polypflow.infer.device import CPU
 from polypflow.infer.onnx import onnx_session
-from polypflow.tasks.segmentation import SegmentationTask
+from polypflow.tasks.segmentation import SegmentationTask, predict_probs
 from polypflow.train.checkpoint import load_trained, save_trained
 
 SIZE = 64
@@ -55,12 +56,33 @@ def test_tta_is_a_segmenters_argument_only():
     assert not isinstance(tiny_unet("none"), FlipTTA)
 
 
+@pytest.mark.quick
+def test_temperature_ships_with_the_model_not_its_weights(tmp_path):
+    model = tiny_unet("hvflip").eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = {**method_entry("unet").test_kwargs, "tta": "hvflip"}
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    raw = predict_probs(model, images, "imagenet", CPU)
+    assert temperature(model) == 1.0
+    with_temperature(model, 3.0)
+    assert model.state_dict().keys() == weights.keys()  # not a weight: checkpoints look the same at any temperature
+    save_trained(tmp_path / "model.pt", model, arch="unet", model_kwargs=kwargs, temperature=3.0)
+    loaded, meta = load_trained(tmp_path / "model.pt")
+    assert temperature(loaded) == 3.0 == temperature(plain(loaded))  # the plain network keeps the shipped map
+    logits = np.log(raw / (1 - raw))
+    np.testing.assert_allclose(predict_probs(loaded, images, "imagenet", CPU), 1 / (1 + np.exp(-3 * logits)), atol=1e-5)
+    save_trained(tmp_path / "old.pt", tiny_unet("hvflip"), arch="unet", model_kwargs=kwargs)  # saved before temperatures
+    assert temperature(load_trained(tmp_path / "old.pt")[0]) == 1.0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        with_temperature(model, 0.0)
+
+
 def test_saved_model_is_rebuilt_with_its_tta_and_exported_with_the_flips_in_the_graph(tmp_path):
     model = tiny_unet("hvflip").eval()
     kwargs = {**method_entry("unet").test_kwargs, "tta": "hvflip"}
-    save_trained(tmp_path / "model.pt", model, arch="unet", model_kwargs=kwargs)
+    save_trained(tmp_path / "model.pt", model, arch="unet", model_kwargs=kwargs, temperature=2.5)
     loaded, meta = load_trained(tmp_path / "model.pt")
-    assert isinstance(loaded, FlipTTA) and meta["model_kwargs"]["tta"] == "hvflip"
+    assert isinstance(loaded, FlipTTA) and meta["model_kwargs"]["tta"] == "hvflip" and temperature(loaded) == 2.5
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], model(x)[0])
@@ -71,6 +93,6 @@ def test_saved_model_is_rebuilt_with_its_tta_and_exported_with_the_flips_in_the_
     got = onnx_session(tmp_path / "model.onnx").run(None, {"image": rgb})[0]
     norm = (torch.from_numpy(rgb) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        with_tta, plain = torch.sigmoid(loaded(norm)[0]).numpy(), torch.sigmoid(loaded.net(norm)[0]).numpy()
-    np.testing.assert_allclose(got, with_tta, atol=1e-4)
-    assert np.abs(got - plain).max() > 1e-3  # the graph holds the flips, not the plain network
+        with_tta, one_pass = (torch.sigmoid(2.5 * loaded(norm)[0]).numpy(), torch.sigmoid(2.5 * loaded.net(norm)[0]).numpy())
+    np.testing.assert_allclose(got, with_tta, atol=1e-4)  # the graph holds the flips and the temperature
+    assert np.abs(got - one_pass).max() > 1e-3  # not the plain network

@@ -1,4 +1,4 @@
-"""A segmenter shipped with flip TTA and EMA weights through the stages: what train@ validates, evaluate@ scores,
+"""A segmenter shipped with flip TTA, EMA weights and a map temperature through the stages: what train@ validates, evaluate@ scores,
 export@ writes to ONNX, predict draws and the registered model serves are the same TTA maps (issue 23: the figure a
 user gets is the figure reported); its plain network is exported, scored and timed beside it."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_pair, split_workdir
-from models.tta import FlipTTA
+from models.tta import FlipTTA, plain, temperature
 from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.deploy import predict
 from polypflow.infer.onnx import onnx_session
@@ -28,6 +28,7 @@ from stages import evaluate, export, profile, register, train
 def tta_and_ema(settings: dict) -> None:
     settings["methods"]["unet"]["model"]["tta"] = "hvflip"
     settings["train"]["defaults"]["ema_decay"] = 0.9
+    settings["train"]["temperatures"] = [4.0]  # shipped whatever validation says: the path away from T = 1
     settings["profile"]["ort_sizes"] = [64]  # the grid, for the shipped graph and the plain network
 
 
@@ -42,6 +43,7 @@ def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_
     assert "val_dice_raw" in pd.read_csv(files.history).columns
     model, meta = load_trained(files.model)
     assert isinstance(model, FlipTTA) and meta["model_kwargs"]["tta"] == "hvflip"
+    assert meta["temperature"] == temperature(model) == 4.0 == json.loads(files.metrics.read_text())["temperature"]
 
     # evaluate@'s per-image Dice are those of the TTA maps, not of the plain network's
     evaluate.run(params, "unet")
@@ -49,8 +51,8 @@ def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_
     dataset, keys = next((d, k) for d, k in read_splits(params)["test"].items() if k)
     facts, task = read_facts(params), SegmentationTask(params)
     data = load_image_set(facts, keys, meta["image_size"], params.validate_.mask_threshold, params.paths.cache)
-    maps = [predict_probs(m, data.images, meta["normalize"], torch.device("cpu")) for m in (model, model.net)]
-    with_tta, plain = task.dice_at_masks(keys, maps, params.evaluate.threshold, facts)
+    maps = [predict_probs(m, data.images, meta["normalize"], torch.device("cpu")) for m in (model, plain(model))]
+    with_tta, one_pass = task.dice_at_masks(keys, maps, params.evaluate.threshold, facts)
     scored = per_image[per_image["dataset"] == dataset].set_index("key").loc[keys, "dice"].to_numpy()
     np.testing.assert_allclose(scored, with_tta, atol=1e-6)
     assert np.abs(maps[0] - maps[1]).max() > 1e-3

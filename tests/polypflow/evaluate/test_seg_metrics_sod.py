@@ -8,7 +8,8 @@ import py_sod_metrics as sod
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from polypflow.evaluate.seg_metrics import binary_metrics, roc_auc, score_image, summarize, toolbox_metrics
+from polypflow.evaluate.seg_metrics import (binary_metrics, roc_auc, score_image, summarize, toolbox_dice,
+                                            toolbox_metrics)
 
 pytestmark = pytest.mark.quick
 
@@ -46,6 +47,12 @@ def test_toolbox_matches_pysodmetrics_over_a_dataset():
     assert ours["tb_dice"] == pytest.approx(fm_res["dice"]["dynamic"].mean())
     assert ours["tb_iou"] == pytest.approx(fm_res["iou"]["dynamic"].mean())
     assert ours["max_dice"] == pytest.approx(fm_res["dice"]["dynamic"].max())
+
+
+def test_toolbox_dice_alone_is_the_toolbox_meandic():
+    for seed in range(3):
+        prob, mask = blob(seed)
+        assert toolbox_dice(prob, mask) == pytest.approx(toolbox_metrics(prob, mask)[0]["tb_dice"])
 
 
 def test_toolbox_perfect_prediction_by_hand():
