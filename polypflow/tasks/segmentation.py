@@ -138,8 +138,9 @@ class SegmentationTask:
         """The temperature ``T`` the model ships its map with, ``sigmoid(T * logit)``: of ``train.temperatures``,
         the one with the best mean toolbox meanDic on the validation images at the model's size (the first on a
         tie), set on ``model``. The threshold moves with it (``sigmoid(T * logit(threshold))``), so the same pixels
-        are polyp: the mask does not change, the map's spread does (meanDic averages Dice over 256 thresholds of
-        the map). Returns ``temperature``, ``threshold`` and ``val_meandic`` (each candidate's score)."""
+        are polyp at the model's size (at an image's size, the bilinear resize of the map moves a few rim pixels):
+        the mask stays, the map's spread changes (meanDic averages Dice over 256 thresholds of the map). Returns
+        ``temperature``, ``threshold`` and ``val_meandic`` (each candidate's score)."""
         candidates = self.params.train.temperatures
         if not len(val.keys) or candidates == [1.0]:
             return {"temperature": 1.0, "threshold": threshold, "val_meandic": {}}
