@@ -16,6 +16,13 @@ from polypflow.tasks import task_of
 from polypflow.tasks.plan import calibration_batches
 
 
+def require_parity(graph: Path, diff: float, atol: float) -> None:
+    """Refuse the exported ``graph`` whose largest difference to PyTorch, ``diff``, is over ``atol``
+    (``export.atol``): an error naming the file."""
+    if diff > atol:
+        raise RuntimeError(f"{graph}: ONNX differs from PyTorch by {diff:.2e} > export.atol {atol}")
+
+
 def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path) -> dict[str, Any]:
     """Quantise the exported ``fp32`` graph of ``method`` to ``dst`` and score both on every test set: per set
     ``fp32``, ``int8`` and their ``drop``; ``within_budget`` when no set drops by more than
@@ -58,8 +65,7 @@ def plain_graphs(params: Params, method: str, model: nn.Module, meta: dict, fp32
         int8.unlink(missing_ok=True)
         return {"applies": False, "reason": "no test-time augmentation: the shipped graphs are the plain network"}
     diff, _ = task_of(meta["arch"]).export(net.cpu(), meta, fp32, params.export.opset)
-    if diff > params.export.atol:
-        raise RuntimeError(f"{fp32}: ONNX differs from PyTorch by {diff:.2e} > export.atol {params.export.atol}")
+    require_parity(fp32, diff, params.export.atol)
     return {"applies": True, "shipped_tta": model.tta, "max_abs_diff": diff,
             **int8_check(params, method, meta, fp32, int8)}
 

@@ -146,12 +146,13 @@ class SegmentationTask:
             return {"temperature": 1.0, "threshold": threshold, "val_meandic": {}}
         with_temperature(model, 1.0)
         logits = logit(predict_probs(model, val.images, self.recipe.normalize, device, self.recipe.channels_last))
-        scores = {f"{t:g}": float(np.mean([toolbox_dice(sigmoid(t * z), m) for z, m in zip(logits, val.masks, strict=True)]))
-                  for t in candidates}
-        chosen = candidates[int(np.argmax(list(scores.values())))]
+        scores = [float(np.mean([toolbox_dice(sigmoid(t * z), m) for z, m in zip(logits, val.masks, strict=True)]))
+                  for t in candidates]
+        chosen = candidates[int(np.argmax(scores))]
         with_temperature(model, chosen)
         moved = float(sigmoid(chosen * logit(np.array(threshold))))
-        return {"temperature": float(chosen), "threshold": moved, "val_meandic": scores}
+        return {"temperature": float(chosen), "threshold": moved,
+                "val_meandic": {f"{t:g}": score for t, score in zip(candidates, scores, strict=True)}}
 
     def video_meta(self, model: nn.Module, val: ImageSet, sequences: list[list[int]], threshold: float,
                    device: torch.device) -> dict[str, Any]:

@@ -56,6 +56,11 @@ def test_export_writes_a_checked_int8_graph_and_profile_times_both_at_each_size(
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["fps"] == pytest.approx(1e3 * row["batch"] / row["p50_ms"])
     assert json.loads(files.profile.read_text())["ort_grid"] == cost["ort_grid"]
 
+    strict = params.model_copy(update={"export": params.export.model_copy(update={"atol": 1e-12})})
+    with pytest.raises(RuntimeError, match="model.onnx: ONNX differs from PyTorch by .* > export.atol 1e-12"):
+        export.run(strict, "unet")  # a graph over the tolerance is refused, naming its file ...
+    assert json.loads(files.parity.read_text())["atol"] == 1e-12  # ... and what was measured is kept
+
 
 @pytest.mark.quick
 def test_a_detector_declines_int8_and_says_why_without_reading_images(tmp_path):
