@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit, logit
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,16 +63,10 @@ def search_threshold(probs: np.ndarray, masks: np.ndarray) -> float:
     return float(THRESHOLD_GRID[int(np.argmax(grid_dice(probs, masks)))])
 
 
-def logit(prob: np.ndarray) -> np.ndarray:
+def logits_of(prob: np.ndarray) -> np.ndarray:
     """Float64 logits of float32 probabilities (clipped where float32 saturates: those pixels stay saturated at
     any temperature above 1)."""
-    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Float32 probabilities of float64 logits."""
-    return (1 / (1 + np.exp(-np.clip(z, -80, 80)))).astype(np.float32)
+    return logit(np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7))
 
 
 def selection_score(metrics: dict) -> float:
@@ -145,12 +140,12 @@ class SegmentationTask:
         if not len(val.keys) or candidates == [1.0]:
             return {"temperature": 1.0, "threshold": threshold, "val_meandic": {}}
         with_temperature(model, 1.0)
-        logits = logit(predict_probs(model, val.images, self.recipe.normalize, device, self.recipe.channels_last))
-        scores = [float(np.mean([toolbox_dice(sigmoid(t * z), m) for z, m in zip(logits, val.masks, strict=True)]))
-                  for t in candidates]
+        logits = logits_of(predict_probs(model, val.images, self.recipe.normalize, device, self.recipe.channels_last))
+        scores = [float(np.mean([toolbox_dice(expit(t * z).astype(np.float32), m)
+                                 for z, m in zip(logits, val.masks, strict=True)])) for t in candidates]
         chosen = candidates[int(np.argmax(scores))]
         with_temperature(model, chosen)
-        moved = float(sigmoid(chosen * logit(np.array(threshold))))
+        moved = float(expit(chosen * logits_of(np.array(threshold))))
         return {"temperature": float(chosen), "threshold": moved,
                 "val_meandic": {f"{t:g}": score for t, score in zip(candidates, scores, strict=True)}}
 
