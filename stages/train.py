@@ -52,8 +52,8 @@ def validation(params: Params, model: torch.nn.Module, plan: MethodPlan,
     threshold (the task's: Dice, a detector's box F1), for promotion."""
     facts, device = read_facts(params), resolve_device(params.device)
     val = load_image_set(facts, plan.val_keys, plan.recipe.image_size, params.validate_.mask_threshold, params.paths.cache)
-    calibration = plan.task.calibrate(model, val, threshold, device)
-    threshold = calibration.get("threshold", threshold)
+    calibration = {"threshold": threshold, **plan.task.calibrate(model, val, threshold, device)}
+    threshold = calibration["threshold"]
     scores = plan.task.val_scores(model, val, threshold, device)
     sequences = list(sequences_of(facts, val.keys, params.video_datasets()).values())
     video = plan.task.video_meta(model, val, sequences, threshold, device)
@@ -77,7 +77,7 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
         if isinstance(getattr(model, "threshold", None), torch.Tensor):
             model.threshold.fill_(result.threshold)
         val_scores, calibration, video = validation(params, model, plan, result.threshold)
-        threshold, shipped = calibration.pop("threshold", result.threshold), calibration.pop("val_meandic", {})
+        threshold, shipped = calibration.pop("threshold"), calibration.pop("val_meandic", {})
         mean, std = NORMALIZATION[recipe.normalize]
         meta = {"method": method, "arch": plan.arch, "task": task.name, "model_kwargs": plan.kwargs,
                 "image_size": recipe.image_size, "normalize": recipe.normalize, "mean": list(mean), "std": list(std),
