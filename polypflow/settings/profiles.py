@@ -6,11 +6,13 @@
     python -m polypflow.settings.profiles default             # the committed settings again (a profile with no overlay)
 
 ``profiles/<name>.yaml`` holds only what the profile changes (the default profile is the committed settings
-themselves). Running a profile is ``dvc exp run`` with one ``--set-param`` per setting that any profile
-owns: the chosen profile's value where it sets one, the committed value (git ``HEAD``) elsewhere. DVC edits the
-settings files in place, keeping their comments and every setting no profile owns, so a hand edit elsewhere
-survives; ``profile_name`` (params.yaml) records which profile the workspace holds, and ``dvc exp show`` puts the
-experiments side by side. The merged settings are validated before DVC runs anything.
+themselves); ``extends: <profile>`` at its top builds it on another profile's overlay. Running a profile is
+``dvc exp run`` with one ``--set-param`` per setting that any profile owns: the chosen profile's value where it
+sets one, the committed value (git ``HEAD``) elsewhere, and a deletion of what only another profile added.
+DVC edits the settings files in place, keeping every setting no profile owns, so a hand edit elsewhere
+survives (it rewrites the flow-style lists it sets in block style); ``profile_name`` (params.yaml)
+records which profile the workspace holds, and ``dvc exp show`` puts the experiments side by side. The merged
+settings are validated before DVC runs anything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import copy
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from pydantic import ValidationError
 from polypflow.settings.config import SETTINGS_FILES, Params, ParamsError, describe, read_settings
 
 DEFAULT = "default"
+EXTENDS = "extends"  # a profile's key naming the profile it builds on
 Path_ = tuple[str, ...]
 
 
@@ -67,14 +71,22 @@ def has(tree: dict[str, Any], path: Path_) -> bool:
         return False
 
 
-def read_profile(folder: Path, name: str) -> dict[str, Any]:
+def read_profile(folder: Path, name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Profile ``name``'s overlay; ``extends: <profile>`` at its top merges it over that profile's overlay."""
     if name == DEFAULT:
         return {}
     path = folder / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ParamsError(f"{path}: no such profile; known: {[DEFAULT, *known]}")
-    return yaml.safe_load(path.read_text()) or {}
+    overlay = yaml.safe_load(path.read_text()) or {}
+    parent = overlay.pop(EXTENDS, None)
+    if parent is None:
+        return overlay
+    if not isinstance(parent, str) or parent in (*seen, name):
+        raise ParamsError(f"{path}: {EXTENDS}: {parent!r} must name another profile, without a cycle "
+                          f"({' -> '.join((*seen, name, str(parent)))})")
+    return deep_merge(read_profile(folder, parent, (*seen, name)), overlay)
 
 
 def committed_settings(params_path: Path) -> dict[str, Any]:
@@ -88,45 +100,49 @@ def committed_settings(params_path: Path) -> dict[str, Any]:
     return merged
 
 
-def assignments(base: dict[str, Any], chosen: dict[str, Any], others: list[dict[str, Any]]) -> dict[Path_, Any]:
-    """Path -> value for every setting a profile owns: the chosen overlay's value, else the committed one. A path
-    the base lacks (only another profile adds it) resets its nearest ancestor below the top level to the base's
-    value merged with the chosen overlay (a top-level catalogue entry another profile added is left: unused)."""
+def assignments(base: dict[str, Any], chosen: dict[str, Any], others: list[dict[str, Any]],
+                current: dict[str, Any]) -> tuple[dict[Path_, Any], list[Path_]]:
+    """What choosing a profile sets and deletes, over every setting any profile owns: the chosen overlay's value,
+    else the committed one (``base``); a path neither holds (only another profile adds it) is deleted from the
+    workspace's settings (``current``) at its first level that neither holds, so nothing of the profile run
+    before survives (DVC merges a dict value into the one it replaces, so a reset cannot remove a key)."""
     target = deep_merge(base, chosen)
-    owned = [*leaves(chosen), *(path for other in others for path in leaves(other))]
-    resets = set()
-    for path in owned:
-        if not has(base, path) and not has(chosen, path):
-            ancestor = next((path[:i] for i in range(len(path) - 1, 1, -1) if has(base, path[:i])), None)
-            if ancestor is not None:
-                resets.add(ancestor)
-    resets = {r for r in resets if not any(r[:len(q)] == q for q in resets if len(q) < len(r))}
-    out = {r: copy.deepcopy(get(target, r)) for r in resets}
-    for path in owned:
-        if has(target, path) and not any(path[:len(r)] == r for r in resets):
-            out[path] = get(target, path)
-    return out
+    values: dict[Path_, Any] = {}
+    deletes: set[Path_] = set()
+    for path in [*leaves(chosen), *(path for other in others for path in leaves(other))]:
+        if has(target, path):
+            values[path] = copy.deepcopy(get(target, path))
+            continue
+        first = next(path[:i] for i in range(1, len(path) + 1) if not has(target, path[:i]))
+        if has(current, first):
+            deletes.add(first)
+    return values, sorted(deletes)
 
 
-def set_param_args(values: dict[Path_, Any]) -> list[str]:
-    """``dvc exp run`` ``--set-param`` arguments, each addressed to the settings file that holds its section."""
-    home = {key: name for name, keys in SETTINGS_FILES.items() for key in keys}
+def set_param_args(values: dict[Path_, Any], deletes: Sequence[Path_] = ()) -> list[str]:
+    """``dvc exp run`` ``--set-param`` arguments, each addressed to the settings file that holds its section:
+    ``~path`` deletes, ``++path=value`` adds or overrides (Hydra's override grammar, which DVC applies)."""
+    home = {key: f"{name}:" for name, keys in SETTINGS_FILES.items() for key in keys}
     args = []
+    for path in deletes:
+        args += ["--set-param", f"{home.get(path[0], '')}~{'.'.join(path)}"]
     for path, value in sorted(values.items()):
         text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-        file = home.get(path[0])
-        args += ["--set-param", f"{file + ':' if file else ''}{'.'.join(path)}={text}"]
+        args += ["--set-param", f"{home.get(path[0], '')}++{'.'.join(path)}={text}"]
     return args
 
 
 def command(name: str, params_path: Path, extra: list[str]) -> list[str]:
-    """The ``dvc exp run`` that applies profile ``name``; the merged settings are validated first."""
+    """The ``dvc exp run`` that applies profile ``name``; the settings it leaves are validated first."""
     folder = params_path.parent / "profiles"
     chosen = read_profile(folder, name)
     others = [read_profile(folder, p.stem) for p in sorted(folder.glob("*.yaml")) if p.stem != name]
-    values = {**assignments(committed_settings(params_path), chosen, others), ("profile_name",): name}
     current = read_settings(params_path)[0]
+    values, deletes = assignments(committed_settings(params_path), chosen, others, current)
+    values[("profile_name",)] = name
     preview = copy.deepcopy(current)
+    for path in deletes:
+        get(preview, path[:-1]).pop(path[-1])
     for path, value in values.items():
         node = preview
         for key in path[:-1]:
@@ -136,7 +152,7 @@ def command(name: str, params_path: Path, extra: list[str]) -> list[str]:
         Params.model_validate(preview)
     except ValidationError as exc:
         raise ParamsError(f"profile {name!r} gives invalid settings: {describe(exc)}") from exc
-    return ["dvc", "exp", "run", "--name", name, *set_param_args(values), *extra]
+    return ["dvc", "exp", "run", "--name", name, *set_param_args(values, deletes), *extra]
 
 
 def listing(folder: Path) -> str:
@@ -162,7 +178,7 @@ def main() -> None:
         cmd = command(args.profile, params_path, extra)
     except ParamsError as exc:
         sys.exit(f"error: {exc}")
-    print(" ".join(f"'{a}'" if " " in a or "[" in a or "{" in a else a for a in cmd))
+    print(" ".join(f"'{a}'" if any(c in a for c in " []{}~") else a for a in cmd))
     if not args.dry_run:  # dvc of this interpreter's environment (no activated venv needed)
         sys.exit(subprocess.run([sys.executable, "-m", *cmd], cwd=params_path.parent).returncode)
 

@@ -54,10 +54,9 @@ def test_repository_params_load():
 def test_every_profile_over_the_repository_settings_loads(profile):
     """Every profile (an overlay) gives valid settings, and every method it trains has its builder's arguments."""
     from models import check_kwargs
-    from polypflow.settings.profiles import deep_merge
+    from polypflow.settings.profiles import deep_merge, read_profile
 
-    overlay = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
-    params = Params.model_validate(deep_merge(BASE, overlay))
+    params = Params.model_validate(deep_merge(BASE, read_profile(REPO / "profiles", profile)))
     for method in params.train.methods:
         params.recipe(method)
         check_kwargs(*params.method_arch(method), where=f"{profile}: methods.{method}.model")

@@ -19,22 +19,45 @@ def test_assignments_own_what_any_profile_sets():
     base = {"train": {"methods": ["a"], "defaults": {"lr": 1, "epochs": 3}}, "methods": {"a": {}, "b": {"x": 1}}}
     full = {"train": {"methods": ["a", "b"], "defaults": {"epochs": 6}}}
     paper = {"train": {"defaults": {"lr": 5}}, "methods": {"a": {"recipe": {"lr": 9}}, "c": {"x": 2}}}
-    # choosing full: its values, the committed value of what only paper sets; paper's extra recipe under a is reset
-    assert profiles.assignments(base, full, [paper]) == {
-        ("train", "methods"): ["a", "b"], ("train", "defaults", "epochs"): 6, ("train", "defaults", "lr"): 1,
-        ("methods", "a"): {}}
-    assert profiles.assignments(base, paper, [full]) == {
+    # choosing full: its values, the committed value of what only paper sets; what paper added is deleted where
+    # the workspace holds it, at its first level the committed settings lack
+    chosen = {("train", "methods"): ["a", "b"], ("train", "defaults", "epochs"): 6, ("train", "defaults", "lr"): 1}
+    assert profiles.assignments(base, full, [paper], profiles.deep_merge(base, paper)) == (
+        chosen, [("methods", "a", "recipe"), ("methods", "c")])
+    assert profiles.assignments(base, full, [paper], base) == (chosen, [])  # nothing to delete
+    assert profiles.assignments(base, paper, [full], profiles.deep_merge(base, full)) == ({
         ("train", "defaults", "lr"): 5, ("methods", "a", "recipe", "lr"): 9, ("methods", "c", "x"): 2,
-        ("train", "methods"): ["a"], ("train", "defaults", "epochs"): 3}
-    assert profiles.assignments(base, {}, [full, paper])[("train", "defaults", "epochs")] == 3  # default
+        ("train", "methods"): ["a"], ("train", "defaults", "epochs"): 3}, [])
+    assert profiles.assignments(base, {}, [full, paper], base)[0][("train", "defaults", "epochs")] == 3  # default
 
 
 @pytest.mark.quick
 def test_set_param_args_address_the_file_holding_the_section():
     args = profiles.set_param_args({("train", "methods"): ["a", "b"], ("methods", "a", "recipe", "lr"): 0.5,
-                                    ("report", "pairs"): [["a", "b"]]})
-    assert args == ["--set-param", "methods.yaml:methods.a.recipe.lr=0.5", "--set-param", "report.pairs=[[a, b]]",
-                    "--set-param", "train.methods=[a, b]"]
+                                    ("report", "pairs"): [["a", "b"]]}, [("methods", "c"), ("train", "x")])
+    assert args == ["--set-param", "methods.yaml:~methods.c", "--set-param", "~train.x",
+                    "--set-param", "methods.yaml:++methods.a.recipe.lr=0.5", "--set-param", "++report.pairs=[[a, b]]",
+                    "--set-param", "++train.methods=[a, b]"]
+
+
+@pytest.mark.quick
+def test_a_profile_extends_another_overlay(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  defaults: {epochs: 12, image_size: 256}\n  temperatures: [1, 8]\n")
+    (tmp_path / "child.yaml").write_text("# Child\nextends: base\ntrain:\n  defaults: {image_size: 352}\n")
+    (tmp_path / "grandchild.yaml").write_text("extends: child\nmethods: {a: {recipe: {lr: 1}}}\n")
+    assert profiles.read_profile(tmp_path, "child") == {
+        "train": {"defaults": {"epochs": 12, "image_size": 352}, "temperatures": [1, 8]}}
+    assert profiles.read_profile(tmp_path, "grandchild") == {
+        "train": {"defaults": {"epochs": 12, "image_size": 352}, "temperatures": [1, 8]},
+        "methods": {"a": {"recipe": {"lr": 1}}}}
+    assert profiles.read_profile(tmp_path, "base") == {
+        "train": {"defaults": {"epochs": 12, "image_size": 256}, "temperatures": [1, 8]}}  # the parent unchanged
+    (tmp_path / "base.yaml").write_text("extends: grandchild\n")
+    with pytest.raises(ParamsError, match=r"grandchild.yaml: extends: 'child' .*cycle \(child -> base -> grandchild -> child\)"):
+        profiles.read_profile(tmp_path, "child")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ParamsError, match="nowhere.yaml: no such profile"):
+        profiles.read_profile(tmp_path, "orphan")
 
 
 @pytest.fixture
@@ -48,6 +71,7 @@ def git_project(tmp_path, synthetic_root):
     (root / "profiles").mkdir()
     (root / "profiles" / "long.yaml").write_text("# Longer training\ntrain:\n  defaults: {epochs: 5}\n")
     (root / "profiles" / "wide.yaml").write_text("# Wider\ntrain:\n  defaults: {image_size: 96}\n")
+    (root / "profiles" / "tuned.yaml").write_text("extends: long\nmethods:\n  unet: {recipe: {lr: 0.5}}\n")
     (root / "dvc.yaml").write_text(
         "vars: [methods.yaml, datasets.yaml, infra.yaml]\nstages:\n  show:\n"
         "    cmd: echo ${train.defaults.epochs} ${train.defaults.image_size} > shown.txt\n"
@@ -74,13 +98,18 @@ def test_a_profile_runs_as_a_dvc_experiment_keeping_comments_and_hand_edits(git_
     assert (root / "shown.txt").read_text().split() == ["5", "64"]
     text = (root / "params.yaml").read_text()
     assert "# the seed, with its comment" in text and "cases: 5" in text and "profile_name: long" in text
+    done = profile(root, "tuned")  # long's settings, plus a recipe the committed unet lacks
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (root / "shown.txt").read_text().split() == ["5", "64"]
+    assert load_params(root / "params.yaml").recipe("unet").lr == 0.5
     done = profile(root, "wide")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (root / "shown.txt").read_text().split() == ["2", "96"]  # long's epochs back to the committed 2
+    assert "recipe" not in yaml.safe_load((root / "methods.yaml").read_text())["methods"]["unet"]  # tuned's, gone
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True,
                            text=True, check=True)
     names = {e["name"] for row in json.loads(shown.stdout) for e in row.get("experiments") or []}
-    assert {"long", "wide"} <= names
+    assert {"long", "tuned", "wide"} <= names
     assert profile(root, "default").returncode == 0
     params = load_params(root / "params.yaml")
     assert (params.profile_name, params.train.defaults.epochs, params.train.defaults.image_size) == ("default", 2, 64)
