@@ -53,7 +53,8 @@ def test_a_profile_extends_another_overlay(tmp_path):
     assert profiles.read_profile(tmp_path, "base") == {
         "train": {"defaults": {"epochs": 12, "image_size": 256}, "temperatures": [1, 8]}}  # the parent unchanged
     (tmp_path / "base.yaml").write_text("extends: grandchild\n")
-    with pytest.raises(ParamsError, match=r"grandchild.yaml: extends: 'child' .*cycle \(child -> base -> grandchild -> child\)"):
+    cycle = r"grandchild.yaml: extends: 'child' .*cycle \(child -> base -> grandchild -> child\)"
+    with pytest.raises(ParamsError, match=cycle):
         profiles.read_profile(tmp_path, "child")
     (tmp_path / "orphan.yaml").write_text("extends: nowhere\n")
     with pytest.raises(ParamsError, match="nowhere.yaml: no such profile"):
