@@ -146,6 +146,9 @@ class Recipe(Strict):
     num_workers: int = Field(0, ge=0)
     # an exponential moving average of the weights (this decay per step) is what is validated, selected and shipped
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    # with ema_decay, the raw weights are validated too each epoch (val_*_raw: what the average buys); a diagnostic
+    # that costs one more validation pass per epoch and changes nothing trained or selected
+    validate_raw: bool = True
     # progressive resizing: [first epoch (1-based), training size in px] pairs; images are loaded (and validated,
     # shipped) at image_size, and each batch is resized to its epoch's size before multiscale
     resize_schedule: list[tuple[int, int]] = []

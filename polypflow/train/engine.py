@@ -8,10 +8,11 @@ would have.
 
 With ``recipe.ema_decay`` an exponential moving average of the weights and buffers is what is validated, selected,
 checkpointed for resume and left in the model; the raw weights' validation metrics are recorded beside it
-(``val_*_raw``). It is timm's ``ModelEmaV3`` with its warm-up (the decay grows with the step up to ``ema_decay``):
-on IC-PolypSeg a fixed decay of 0.99 from the first step (``torch.optim.swa_utils.AveragedModel``) left validation
-Dice at 0 for all of a 4-epoch run whose raw weights reached 0.83. With ``recipe.resize_schedule`` each epoch
-trains at its own size (progressive resizing).
+(``val_*_raw``) unless ``recipe.validate_raw`` is off (a diagnostic: one more validation pass per epoch, nothing
+trained or selected depends on it). It is timm's ``ModelEmaV3`` with its warm-up (the decay grows with the step up
+to ``ema_decay``): on IC-PolypSeg a fixed decay of 0.99 from the first step (``torch.optim.swa_utils.AveragedModel``)
+left validation Dice at 0 for all of a 4-epoch run whose raw weights reached 0.83. With ``recipe.resize_schedule``
+each epoch trains at its own size (progressive resizing).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
         scheduler.step()
         metrics = {"train_loss": train_loss, **task.validate(shipped, val, device),
                    "lr": optimizer.param_groups[0]["lr"]}
-        if ema is not None:
+        if ema is not None and recipe.validate_raw:
             metrics.update({f"{k}_raw": v for k, v in task.validate(model, val, device).items()})
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None
         state["history"].append({"epoch": epoch + 1, **metrics})

@@ -297,6 +297,22 @@ def test_ema_weights_are_validated_selected_and_shipped_and_resume_exactly(tmp_p
     assert result_b.history[-1]["val_dice_raw"] == pytest.approx(result_a.history[-1]["val_dice_raw"], abs=1e-9)
 
 
+def test_without_validate_raw_the_raw_weights_are_not_validated_and_training_is_unchanged(tmp_path):
+    """``validate_raw: false`` drops the raw weights' diagnostic validation (``val_*_raw``, one pass an epoch): the
+    run trains, selects and ships exactly what the run with it does."""
+    with_raw, without = recipe(epochs=2, ema_decay=0.5), recipe(epochs=2, ema_decay=0.5, validate_raw=False)
+    model_a, model_b = tiny_unet(), tiny_unet()
+    result_a = fit(model_a, with_raw, TRAIN, VAL, CPU, tmp_path / "a.pt", SEED, task(with_raw))
+    result_b = fit(model_b, without, TRAIN, VAL, CPU, tmp_path / "b.pt", SEED, task(without))
+    assert all("val_dice_raw" in h for h in result_a.history)
+    assert not any(k.endswith("_raw") for h in result_b.history for k in h)
+    assert result_b.best_epoch == result_a.best_epoch
+    assert [h["val_dice"] for h in result_b.history] == pytest.approx([h["val_dice"] for h in result_a.history],
+                                                                       abs=1e-9)
+    for key, value in model_a.state_dict().items():
+        assert torch.allclose(value.float(), model_b.state_dict()[key].float(), rtol=0, atol=1e-6), key
+
+
 @pytest.mark.quick
 def test_resize_schedule_sizes_and_their_checks():
     r = recipe(epochs=5, resize_schedule=[[1, 32], [3, 64]])
