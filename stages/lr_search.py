@@ -40,6 +40,8 @@ def objective_factory(params: Params, method: str, parent_run_id: str, workdir: 
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
+            if "val_dice" not in metrics:  # an epoch before recipe.validate_from
+                return
             trial.report(metrics["val_dice"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val Dice {metrics['val_dice']:.4f})")

@@ -83,7 +83,8 @@ def run(params: Params, method: str, resume: bool = True) -> dict:
                 "image_size": recipe.image_size, "normalize": recipe.normalize, "mean": list(mean), "std": list(std),
                 "threshold": threshold, task.metric: result.best_score, "best_epoch": result.best_epoch,
                 **task.meta(), **calibration, **video}
-        history = pd.DataFrame([{**row, "val_score": task.select(row)} for row in result.history])
+        history = pd.DataFrame([{**row, "val_score": task.select(row) if task.metric in row else None}
+                                for row in result.history])  # epochs before recipe.validate_from: not validated
         candidates = {f"val_meandic_t{t}": score for t, score in shipped.items()}
         metrics = {task.metric: result.best_score, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    "threshold": threshold, "image_size": recipe.image_size, **calibration, **candidates}

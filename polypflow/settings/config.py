@@ -149,6 +149,9 @@ class Recipe(Strict):
     # with ema_decay, the raw weights are validated too each epoch (val_*_raw: what the average buys); a diagnostic
     # that costs one more validation pass per epoch and changes nothing trained or selected
     validate_raw: bool = True
+    # the first epoch (1-based) validated; the epochs before it train without a validation pass, so they can be
+    # neither selected nor counted by early stopping (their history rows carry train_loss and lr only)
+    validate_from: int = Field(1, ge=1)
     # progressive resizing: [first epoch (1-based), training size in px] pairs; images are loaded (and validated,
     # shipped) at image_size, and each batch is resized to its epoch's size before multiscale
     resize_schedule: list[tuple[int, int]] = []
@@ -162,6 +165,13 @@ class Recipe(Strict):
                                  f"multiples of 32 up to image_size ({self.image_size})")
         if epochs != sorted(set(epochs)):
             raise ValueError(f"resize_schedule: first epochs {epochs} must increase")
+        return self
+
+    @model_validator(mode="after")
+    def _validated_epoch(self) -> "Recipe":
+        if self.validate_from > self.epochs:
+            raise ValueError(f"validate_from: epoch {self.validate_from} is after the last epoch ({self.epochs}): "
+                             "no epoch would be validated, so none could be selected")
         return self
 
     def train_size(self, epoch: int) -> int:

@@ -9,7 +9,8 @@ would have.
 With ``recipe.ema_decay`` an exponential moving average of the weights and buffers is what is validated, selected,
 checkpointed for resume and left in the model; the raw weights' validation metrics are recorded beside it
 (``val_*_raw``) unless ``recipe.validate_raw`` is off (a diagnostic: one more validation pass per epoch, nothing
-trained or selected depends on it). It is timm's ``ModelEmaV3`` with its warm-up (the decay grows with the step up
+trained or selected depends on it). Epochs before ``recipe.validate_from`` are trained without validation (and so
+are never selected). It is timm's ``ModelEmaV3`` with its warm-up (the decay grows with the step up
 to ``ema_decay``): on IC-PolypSeg a fixed decay of 0.99 from the first step (``torch.optim.swa_utils.AveragedModel``)
 left validation Dice at 0 for all of a 4-epoch run whose raw weights reached 0.83. With ``recipe.resize_schedule``
 each epoch trains at its own size (progressive resizing).
@@ -173,17 +174,18 @@ def fit(model: nn.Module, recipe: Recipe, train: ImageSet, val: ImageSet, device
                             generator=torch.Generator().manual_seed(seed + epoch))
         train_loss = train_epoch(model, loader, task, optimizer, recipe, device, epoch, ema)
         scheduler.step()
-        metrics = {"train_loss": train_loss, **task.validate(shipped, val, device),
+        validated = epoch + 1 >= recipe.validate_from
+        metrics = {"train_loss": train_loss, **(task.validate(shipped, val, device) if validated else {}),
                    "lr": optimizer.param_groups[0]["lr"]}
-        if ema is not None and recipe.validate_raw:
+        if validated and ema is not None and recipe.validate_raw:
             metrics.update({f"{k}_raw": v for k, v in task.validate(model, val, device).items()})
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] > 0 else None
         state["history"].append({"epoch": epoch + 1, **metrics})
-        if best is None or task.select(metrics) > task.select(best):
+        if validated and (best is None or task.select(metrics) > task.select(best)):
             # "best_val_dice" is the checkpoint format's name for the best score of any task
             state.update(best_val_dice=metrics[task.metric], best_epoch=epoch + 1, bad_epochs=0,
                          best_model={k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()})
-        else:
+        elif validated:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),

@@ -88,3 +88,20 @@ def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_
     encoded = base64.b64encode((frames / "f0.png").read_bytes()).decode()
     answer = served.predict(pd.DataFrame({"image": [encoded]}))
     assert answer["polyp_fraction"][0] == pytest.approx(tables[0]["polyp_fraction"][0], abs=1e-6)
+
+
+def test_epochs_before_validate_from_are_logged_without_validation(tmp_path, synthetic_root, monkeypatch):
+    """train@ with ``validate_from`` at the last epoch: history.csv keeps every epoch, the earlier ones with empty
+    val_* cells, and the validated epoch is the one selected."""
+    def late(settings: dict) -> None:
+        tta_and_ema(settings)
+        settings["methods"]["unet"].setdefault("recipe", {}).update(epochs=2, validate_from=2, early_stop_patience=1)
+        settings["crossval"]["recipe"]["validate_from"] = 1  # crossval's 1-epoch recipe would refuse epoch 2
+
+    params = split_workdir(tmp_path, synthetic_root, monkeypatch, late)
+    files = method_layout(params, "unet")
+    train.run(params, "unet")
+    history = pd.read_csv(files.history)
+    assert history["epoch"].tolist() == [1, 2] and history["train_loss"].notna().all()
+    assert history["val_dice"].isna().tolist() == [True, False] == history["val_score"].isna().tolist()
+    assert json.loads(files.metrics.read_text())["best_epoch"] == 2

@@ -313,6 +313,30 @@ def test_without_validate_raw_the_raw_weights_are_not_validated_and_training_is_
         assert torch.allclose(value.float(), model_b.state_dict()[key].float(), rtol=0, atol=1e-6), key
 
 
+def test_epochs_before_validate_from_are_trained_unvalidated_and_never_selected(tmp_path):
+    """``validate_from: 2`` trains epoch 1 without a validation pass: its history row has no val_* and it cannot be
+    selected; every epoch trains exactly as in the run that validates all of them."""
+    every, late = recipe(epochs=2, ema_decay=0.5), recipe(epochs=2, ema_decay=0.5, validate_from=2)
+    model_a, model_b = tiny_unet(), tiny_unet()
+    result_a = fit(model_a, every, TRAIN, VAL, CPU, tmp_path / "a.pt", SEED, task(every))
+    result_b = fit(model_b, late, TRAIN, VAL, CPU, tmp_path / "b.pt", SEED, task(late))
+    assert set(result_b.history[0]) == {"epoch", "train_loss", "lr"}
+    assert result_b.best_epoch == 2 and result_b.best_score == pytest.approx(result_a.history[1]["val_dice"], abs=1e-9)
+    assert [h["train_loss"] for h in result_b.history] == pytest.approx([h["train_loss"] for h in result_a.history],
+                                                                         abs=1e-9)
+    saved_a, saved_b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    for weights in ("model", "ema"):
+        for key, value in saved_a[weights].items():
+            assert torch.allclose(value.float(), saved_b[weights][key].float(), rtol=0, atol=1e-6), (weights, key)
+
+
+@pytest.mark.quick
+def test_validate_from_after_the_last_epoch_is_refused():
+    assert recipe(epochs=3, validate_from=3).validate_from == 3
+    with pytest.raises(ValueError, match="validate_from: epoch 4 is after the last epoch"):
+        recipe(epochs=3, validate_from=4)
+
+
 @pytest.mark.quick
 def test_resize_schedule_sizes_and_their_checks():
     r = recipe(epochs=5, resize_schedule=[[1, 32], [3, 64]])
