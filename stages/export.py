@@ -7,10 +7,12 @@ largest difference to PyTorch on random input is reported in ``parity.json`` and
 ``export.atol``; the file is logged to the method's MLflow training run.
 
 Then the int8 graph (``int8/model.onnx``): the task quantises the fp32 graph statically (QDQ), calibrated on
-``export.int8_calibration_images`` of the images the method trained on, and scores both graphs on every test set
-(``int8/check.json``, and under ``int8`` in ``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not
-fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not quantise
-writes only ``check.json``, saying why.
+``export.int8_calibration_images`` of the images the method trained on (with more than one weight range in
+``export.int8_weight_bits``, the one dropping least on the validation images ships, each candidate's drop recorded
+under ``selection``), and scores both graphs on every test set (``int8/check.json``, and under ``int8`` in
+``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not fail the stage: it is recorded
+(``within_budget: false``) and logged as a warning. A task that does not quantise writes only ``check.json``, saying
+why.
 
 A model shipped with test-time augmentation is also exported as its plain network (``plain/``: the same weights in
 one pass, its fp32 and int8 graphs scored on every test set in ``plain/check.json``), so profile@ and the report can
@@ -74,13 +76,19 @@ def int8_metrics(check: dict) -> dict[str, float]:
     if not check.get("quantised"):
         return {}
     scores = {f"{graph}_{dataset}_dice": s[graph] for dataset, s in check["test_sets"].items() for graph in ("fp32", "int8")}
-    return {**scores, "int8_worst_dice_drop": check["worst_drop"], "int8_within_budget": float(check["within_budget"])}
+    return {**scores, "int8_worst_dice_drop": check["worst_drop"], "int8_within_budget": float(check["within_budget"]),
+            "int8_weight_bits": float(check["weight_bits"])}
 
 
 def log_int8(method: str, check: dict, where: Path) -> None:
     if not check["quantised"]:
         log.info("%s: int8 %s", method, check["reason"])
         return
+    if "selection" in check:
+        chosen = check["selection"]
+        drops = ", ".join(f"{bits}-bit {c['drop']:+.4f}" for bits, c in chosen["candidates"].items())
+        log.info("%s: int8 weights in %d bits, chosen on %d validation images (drop from fp32 %.4f: %s)", method,
+                 check["weight_bits"], chosen["n"], chosen["fp32"], drops)
     for dataset, s in check["test_sets"].items():
         log.info("%s: %s %s fp32 %.4f, int8 %.4f (drop %+.4f)", method, dataset, check["metric"], s["fp32"], s["int8"],
                  s["drop"])

@@ -5,9 +5,10 @@ size; latency is measured at the method's size, on the device present (CUDA when
 batch size of ``profile.batch_size``. ONNX Runtime on the CPU is also timed for the fp32 and int8 graphs at each
 size of ``profile.ort_sizes`` with each thread count of ``profile.ort_threads`` (``ort_grid``): the exported graph's
 size is fixed, so both are rebuilt from the checkpoint at each size in a temporary folder (the fp32 graph by the
-task's export, the int8 one by its quantisation, calibrated on the method's training images at that size). A model
-shipped with test-time augmentation has its plain network timed the same way (rows ``graph: plain``; export@ scores
-its accuracy in ``plain/check.json``), so what the augmentation costs is measured beside what it buys.
+task's export, the int8 one by its quantisation in the weight range export@ chose, read from its ``check.json``,
+calibrated on the method's training images at that size). A model shipped with test-time augmentation has its
+plain network timed the same way (rows ``graph: plain``; export@ scores its accuracy in ``plain/check.json``), so
+what the augmentation costs is measured beside what it buys.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from polypflow.io import read_json, write_json
 from polypflow.settings.layout import method_layout
 from polypflow.evaluate.profiling import (count_macs, count_params, device_name, grid_metrics, ort_grid, ort_latency,
                                           torch_latency)
-from polypflow.tasks.graphs import graphs_by_size
+from polypflow.tasks.graphs import exported_weight_bits, graphs_by_size
 from polypflow.infer.device import resolve_device
 from polypflow.train.checkpoint import load_trained
 from stages._cli import method_main
@@ -57,7 +58,9 @@ def run(params: Params, method: str) -> dict:
         "onnxruntime": ort_latency(session, size, cfg.batch_size, cfg.warmup, cfg.iterations),
     }
     with tempfile.TemporaryDirectory(prefix=f"profile-{method}-") as folder:
-        graphs = graphs_by_size(params, method, model, meta, cfg.ort_sizes, Path(folder))
+        bits = {graph: exported_weight_bits(read_json(check), check)
+                for graph, check in (("shipped", files.int8_check), ("plain", files.plain_check))}
+        graphs = graphs_by_size(params, method, model, meta, cfg.ort_sizes, Path(folder), bits)
         report["ort_grid"] = [row for graph, at in graphs.items() for row in
                               ort_grid(at, cfg.ort_threads, cfg.batch_size, cfg.warmup, cfg.iterations, graph)]
     write_json(files.profile, report)

@@ -83,17 +83,20 @@ class _Batches(CalibrationDataReader):
         return None if batch is None else {"image": np.ascontiguousarray(batch, dtype=np.float32)}
 
 
-def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray], reduce_range: bool = False) -> Path:
+def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray], weight_bits: int = 8) -> Path:
     """Write the static int8 quantisation of ONNX graph ``src`` to ``dst`` atomically: shape inference
     (``quant_pre_process``), then ``quantize_static`` in QDQ format, per-channel int8 weights, uint8 activations,
     calibrated by min/max on ``batches`` (float32 N×3×S×S RGB in [0, 1], the graph's input ``image``).
-    ``reduce_range``: 7-bit weights, which avoid the saturating uint8 × int8 products of x86 CPUs without VNNI
-    (AVX2-only, such as the 2-core AMD EPYC), at a bit of weight precision elsewhere."""
+    ``weight_bits``: 8 (the full range) or 7 (onnxruntime's ``reduce_range``), which avoids the saturating
+    uint8 × int8 products of x86 CPUs without VNNI (AVX2-only, such as one 2-core AMD EPYC), at a bit of weight
+    precision elsewhere."""
+    if weight_bits not in (7, 8):
+        raise ValueError(f"{src}: int8 weights take 7 or 8 bits, got {weight_bits}")
     with tempfile.TemporaryDirectory(prefix="quantize-") as work, atomic_path(dst, suffix=".onnx") as tmp:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7)
     return Path(dst)
 
 

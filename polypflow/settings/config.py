@@ -309,13 +309,23 @@ class Detection(Strict):
 class Export(Strict):
     """export@: the fp32 graph (``atol``: its largest difference to PyTorch) and its int8 quantisation, calibrated on
     ``int8_calibration_images`` of the method's training images and checked on every test set: mDice at most
-    ``int8_max_dice_drop`` below the fp32 graph's (else recorded as outside the budget, not failed)."""
+    ``int8_max_dice_drop`` below the fp32 graph's (else recorded as outside the budget, not failed). With more than
+    one of ``int8_weight_bits``, each is quantised and the one whose mDice drops least on the validation images
+    ships (the first listed on a tie)."""
 
     opset: int = Field(ge=17)
     atol: float = Field(gt=0)
     int8_calibration_images: int = Field(ge=1)
     int8_max_dice_drop: float = Field(ge=0)
-    int8_reduce_range: bool                  # 7-bit weights: no saturating u8 x s8 products on CPUs without VNNI
+    # candidate weight ranges: 7 (no saturating u8 x s8 products on x86 CPUs without VNNI) and/or 8 (full range)
+    int8_weight_bits: list[Literal[7, 8]] = Field(min_length=1)
+
+    @field_validator("int8_weight_bits")
+    @classmethod
+    def _weight_bits(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each weight range at most once, got {value}")
+        return value
 
 
 class Schedule(Strict):

@@ -223,10 +223,10 @@ class DetectionTask:
                            "(models.gfl_atss.postprocess)", "decode": meta["decode"], "detections": check}
         return max(check["boxes_max_abs"], check["scores_max_abs"]), extra
 
-    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray]) -> str:
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int) -> str:
         """Not quantised: a graph ships only with its accuracy checked, and a detector's check (box AP of the int8
         graph against fp32 after the same NMS, on every test set) is not written yet."""
         return INT8_DECLINED
 
-    def int8_scores(self, fp32: Path, int8: Path, meta: dict) -> dict[str, Any]:
+    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:
         raise NotImplementedError(f"{self.name}: {INT8_DECLINED}")

@@ -5,14 +5,17 @@ graphs rebuilt at other input sizes (what profile@ times)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from models.tta import plain
+from polypflow.data.images import read_splits
 from polypflow.settings.config import Params
-from polypflow.tasks import task_of
+from polypflow.tasks import Task, task_of
 from polypflow.tasks.plan import calibration_batches
 
 
@@ -26,31 +29,82 @@ def require_parity(graph: Path, diff: float, atol: float) -> None:
 def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path) -> dict[str, Any]:
     """Quantise the exported ``fp32`` graph of ``method`` to ``dst`` and score both on every test set: per set
     ``fp32``, ``int8`` and their ``drop``; ``within_budget`` when no set drops by more than
-    ``export.int8_max_dice_drop``. A task that does not quantise writes nothing and says why (``reason``)."""
+    ``export.int8_max_dice_drop``. With several ``export.int8_weight_bits``, :func:`choose_int8` picks the graph
+    that ships on the validation images (``selection``). A task that does not quantise writes nothing and says why
+    (``reason``)."""
     task = task_of(meta["arch"])(params)
     dst.unlink(missing_ok=True)  # a graph of an earlier run must not outlive a task that now declines
-    reason = task.quantize(fp32, dst, calibration_batches(params, method, int(meta["image_size"])))
-    if reason:
-        return {"quantised": False, "reason": reason}
-    scores = task.int8_scores(fp32, dst, meta)
-    for scored in scores["test_sets"].values():
-        scored["drop"] = scored["fp32"] - scored["int8"]
-    worst = max((s["drop"] for s in scores["test_sets"].values()), default=0.0)
+    chosen = choose_int8(params, method, task, meta, fp32, dst)
+    if "reason" in chosen:
+        return {"quantised": False, **chosen}
+    metric, sets = "", {}
+    for dataset, keys in read_splits(params)["test"].items():
+        if keys:
+            metric, (before, after) = task.graph_scores([fp32, dst], meta, keys)
+            sets[dataset] = {"n": len(keys), "fp32": before, "int8": after, "drop": before - after}
+    worst = max((s["drop"] for s in sets.values()), default=0.0)
     budget = params.export.int8_max_dice_drop
-    bits = "7-bit range" if params.export.int8_reduce_range else "full range"
-    return {"quantised": True, "format": f"QDQ, per-channel int8 weights ({bits}), uint8 activations (static, min/max)",
-            "calibration_images": params.export.int8_calibration_images, **scores, "worst_drop": worst,
-            "max_drop": budget, "within_budget": bool(worst <= budget)}
+    bits = chosen["weight_bits"]
+    check = {"quantised": True, "format": f"QDQ, per-channel int8 weights ({WEIGHT_RANGE[bits]}), uint8 activations "
+             "(static, min/max)", "weight_bits": bits, "calibration_images": params.export.int8_calibration_images,
+             "metric": metric, "test_sets": sets, "worst_drop": worst, "max_drop": budget,
+             "within_budget": bool(worst <= budget)}
+    if "selection" in chosen:
+        check["selection"] = chosen["selection"]
+    return check
 
 
-def graphs_at(params: Params, method: str, model: nn.Module, meta: dict, size: int, folder: Path) -> dict[str, Path]:
-    """``method``'s fp32 graph (its task's export) and int8 graph (its task's quantisation, calibrated on its
-    training images at ``size``) for input ``size``, written to ``folder``: precision -> file, without int8 where the
-    task does not quantise."""
+WEIGHT_RANGE = {7: "7-bit range", 8: "full 8-bit range"}
+
+
+def choose_int8(params: Params, method: str, task: Task, meta: dict, fp32: Path, dst: Path) -> dict[str, Any]:
+    """Write to ``dst`` the int8 graph of ``fp32`` that ships: the only one of ``export.int8_weight_bits``, or of
+    several, the one whose score drops least from the fp32 graph's on the validation images (the first listed on a
+    tie; the candidates are quantised in a folder beside ``dst``, so ``dst`` is only ever a finished graph).
+    Returns ``weight_bits``, with ``selection`` (each candidate's validation score and drop) where there was a
+    choice, or the task's ``reason`` for not quantising."""
+    candidates, size = params.export.int8_weight_bits, int(meta["image_size"])
+    if len(candidates) == 1:
+        reason = task.quantize(fp32, dst, calibration_batches(params, method, size), candidates[0])
+        return {"reason": reason} if reason else {"weight_bits": candidates[0]}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="int8-candidates-", dir=dst.parent) as folder:
+        graphs = {bits: Path(folder) / f"{bits}bit.onnx" for bits in candidates}
+        for bits, graph in graphs.items():
+            reason = task.quantize(fp32, graph, calibration_batches(params, method, size), bits)
+            if reason:
+                return {"reason": reason}
+        keys = list(read_splits(params)["val"])
+        metric, (before, *after) = task.graph_scores([fp32, *graphs.values()], meta, keys)
+        scored = {bits: {"int8": score, "drop": before - score} for bits, score in zip(graphs, after)}
+        best = min(scored, key=lambda bits: scored[bits]["drop"])  # min keeps the first listed on a tie
+        os.replace(graphs[best], dst)
+    return {"weight_bits": best, "selection": {"on": "validation", "n": len(keys), "metric": metric, "fp32": before,
+                                               "candidates": {str(bits): s for bits, s in scored.items()}}}
+
+
+def exported_weight_bits(check: dict, where: Path) -> int | None:
+    """The weight range export@ quantised a graph in, from its ``check.json`` (``check``, read from ``where``);
+    None where it did not quantise that graph. An error naming the file for a quantised graph without one."""
+    if not check.get("quantised"):
+        return None
+    if "weight_bits" not in check:
+        raise ValueError(f"{where}: a quantised graph without weight_bits (written before they were recorded): "
+                         "run export@ again")
+    return int(check["weight_bits"])
+
+
+def graphs_at(params: Params, method: str, model: nn.Module, meta: dict, size: int, folder: Path,
+              weight_bits: int | None) -> dict[str, Path]:
+    """``method``'s fp32 graph (its task's export) and int8 graph (its task's quantisation in ``weight_bits``,
+    calibrated on its training images at ``size``) for input ``size``, written to ``folder``: precision -> file,
+    without int8 where ``weight_bits`` is None (export@ did not quantise the graph) or the task does not quantise."""
     task = task_of(meta["arch"])
     fp32, int8 = folder / f"fp32-{size}px.onnx", folder / f"int8-{size}px.onnx"
     task.export(model.cpu(), {**meta, "image_size": size}, fp32, params.export.opset)  # ONNX Runtime's CPU graphs
-    declined = task(params).quantize(fp32, int8, calibration_batches(params, method, size))
+    if weight_bits is None:
+        return {"fp32": fp32}
+    declined = task(params).quantize(fp32, int8, calibration_batches(params, method, size), weight_bits)
     return {"fp32": fp32} if declined else {"fp32": fp32, "int8": int8}
 
 
@@ -70,14 +124,15 @@ def plain_graphs(params: Params, method: str, model: nn.Module, meta: dict, fp32
             **int8_check(params, method, meta, fp32, int8)}
 
 
-def graphs_by_size(params: Params, method: str, model: nn.Module, meta: dict, sizes: list[int],
-                   folder: Path) -> dict[str, dict[int, dict[str, Path]]]:
+def graphs_by_size(params: Params, method: str, model: nn.Module, meta: dict, sizes: list[int], folder: Path,
+                   weight_bits: dict[str, int | None]) -> dict[str, dict[int, dict[str, Path]]]:
     """:func:`graphs_at` each of ``sizes`` for the ``shipped`` model and, where it is shipped with test-time
-    augmentation, for its ``plain`` network too: graph -> size -> precision -> file, written under ``folder``."""
+    augmentation, for its ``plain`` network too, each quantised in its ``weight_bits`` (graph -> bits as export@
+    chose them, :func:`exported_weight_bits`): graph -> size -> precision -> file, written under ``folder``."""
     bare = plain(model)
     models = {"shipped": model} | ({"plain": bare} if bare is not model else {})
     graphs = {}
     for graph, net in models.items():
         (folder / graph).mkdir(parents=True, exist_ok=True)
-        graphs[graph] = {s: graphs_at(params, method, net, meta, s, folder / graph) for s in sizes}
+        graphs[graph] = {s: graphs_at(params, method, net, meta, s, folder / graph, weight_bits[graph]) for s in sizes}
     return graphs

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.tta import plain, with_temperature
-from polypflow.data.images import (ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask,
-                                   read_splits)
+from polypflow.data.images import ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask
 from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
 from polypflow.evaluate.gradcam import save_panels
 from polypflow.evaluate.runner import (Scorer, Source, TestSetScores, json_number, rows_of, sweep_thresholds,
@@ -319,25 +318,21 @@ class SegmentationTask:
         export_onnx(graph, path, meta["image_size"], opset, cls.onnx_outputs)
         return parity(graph, path, meta["image_size"]), {"output": "N x 1 x S x S polyp probability"}
 
-    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray]) -> str:
-        """Static int8, QDQ (:func:`~polypflow.infer.onnx.quantize_int8`), 7-bit weights when
-        ``export.int8_reduce_range``."""
-        quantize_int8(fp32, dst, calibration, self.params.export.int8_reduce_range)
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int) -> str:
+        """Static int8, QDQ (:func:`~polypflow.infer.onnx.quantize_int8`)."""
+        quantize_int8(fp32, dst, calibration, weight_bits)
         return ""
 
-    def int8_scores(self, fp32: Path, int8: Path, meta: dict) -> dict[str, Any]:
-        """mDice at the model's threshold of each graph's maps on every test set of splits.json, each map at its
-        mask's original resolution, as :meth:`score_maps` scores them."""
+    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:
+        """mDice at the model's threshold of each graph's maps of ``keys``, each map at its mask's original
+        resolution, as :meth:`score_maps` scores them."""
         cfg, size, threshold = self.params, int(meta["image_size"]), float(meta["threshold"])
         facts = read_facts(cfg)
-        graphs = [Predictor(OnnxBackend(onnx_session(path)), size, threshold) for path in (fp32, int8)]
-        sets = {}
-        for dataset, keys in read_splits(cfg)["test"].items():
-            if keys:
-                data = load_image_set(facts, keys, size, cfg.validate_.mask_threshold, cfg.paths.cache)
-                dice = self.dice_at_masks(keys, [g.predict_resized(data.images) for g in graphs], threshold, facts)
-                sets[dataset] = {"n": len(keys), "fp32": float(dice[0].mean()), "int8": float(dice[1].mean())}
-        return {"metric": f"mDice@{threshold:g} at the masks' resolution", "test_sets": sets}
+        data = load_image_set(facts, keys, size, cfg.validate_.mask_threshold, cfg.paths.cache)
+        maps = [Predictor(OnnxBackend(onnx_session(path)), size, threshold).predict_resized(data.images)
+                for path in graphs]
+        dice = self.dice_at_masks(keys, maps, threshold, facts)
+        return f"mDice@{threshold:g} at the masks' resolution", [float(d.mean()) for d in dice]
 
     def dice_at_masks(self, keys: list[str], maps: Sequence[np.ndarray], threshold: float,
                       facts: pd.DataFrame) -> np.ndarray:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from conftest import REPO, stage_workdir
 from polypflow.settings.config import load_params
@@ -60,6 +62,35 @@ def test_export_writes_a_checked_int8_graph_and_profile_times_both_at_each_size(
     with pytest.raises(RuntimeError, match="model.onnx: ONNX differs from PyTorch by .* > export.atol 1e-12"):
         export.run(strict, "unet")  # a graph over the tolerance is refused, naming its file ...
     assert json.loads(files.parity.read_text())["atol"] == 1e-12  # ... and what was measured is kept
+
+
+def weight_range(graph) -> int:
+    """The largest |int8 weight| of a QDQ graph: at most 64 when quantised in 7 bits, up to 127 in 8."""
+    model = onnx.load(str(graph))
+    return max(int(np.abs(numpy_helper.to_array(init)).max()) for init in model.graph.initializer
+               if init.data_type == onnx.TensorProto.INT8)
+
+
+def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_profile_times_it(trained):
+    params, files = trained, method_layout(trained, "unet")
+    both = params.model_copy(update={"export": params.export.model_copy(update={"int8_weight_bits": [7, 8]})})
+    check = export.run(both, "unet")["int8"]
+    chosen = check["selection"]
+    val = json.loads(params.paths.splits.read_text())["val"]
+    assert chosen["on"] == "validation" and chosen["n"] == len(val) and set(chosen["candidates"]) == {"7", "8"}
+    for scored in chosen["candidates"].values():
+        assert scored["drop"] == pytest.approx(chosen["fp32"] - scored["int8"])
+    drops = {int(bits): scored["drop"] for bits, scored in chosen["candidates"].items()}
+    assert check["weight_bits"] == min(drops, key=drops.get) and str(check["weight_bits"]) in check["format"]
+    assert json.loads(files.int8_check.read_text()) == check
+    assert sorted(p.name for p in files.int8_dir.iterdir()) == ["check.json", "model.onnx"]  # no candidate left
+    assert (weight_range(files.int8_onnx) <= 64) == (check["weight_bits"] == 7)  # the chosen graph is the one shipped
+
+    assert profile.run(both, "unet")["ort_grid"]  # profile@ quantises in the range export@ chose ...
+    stale = {k: v for k, v in check.items() if k != "weight_bits"}
+    files.int8_check.write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match=r"int8/check.json: a quantised graph without weight_bits"):
+        profile.run(both, "unet")  # ... and refuses a check.json that does not say which
 
 
 @pytest.mark.quick

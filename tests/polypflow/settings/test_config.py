@@ -113,6 +113,9 @@ def test_recipe_rejects_unknown_extra_key():
     ({"ingest__datasets__kvasir__source": {"kind": "url", "url": "http://x", "sha256": "abc"}},
      "ingest.datasets.kvasir.source.url.sha256"),
     ({"export__opset": None}, "export.opset"),
+    ({"export__int8_weight_bits": [6]}, "export.int8_weight_bits"),
+    ({"export__int8_weight_bits": []}, "export.int8_weight_bits"),
+    ({"export__int8_weight_bits": [8, 8]}, "export.int8_weight_bits"),
 ])
 def test_wrong_type_or_value_names_file_and_key(tmp_path, changes, key_path):
     path = write(tmp_path, edited(**changes))
