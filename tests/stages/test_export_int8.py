@@ -12,7 +12,8 @@ from onnx import numpy_helper
 from conftest import REPO, stage_workdir
 from polypflow.settings.config import load_params
 from polypflow.settings.layout import method_layout
-from polypflow.tasks.graphs import int8_check
+from polypflow.tasks.graphs import graphs_at, int8_check
+from polypflow.train.checkpoint import load_trained
 from stages import export, ingest, profile, split, train, validate
 
 
@@ -71,7 +72,7 @@ def weight_range(graph) -> int:
                if init.data_type == onnx.TensorProto.INT8)
 
 
-def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_profile_times_it(trained):
+def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_profile_times_it(trained, tmp_path):
     params, files = trained, method_layout(trained, "unet")
     both = params.model_copy(update={"export": params.export.model_copy(update={"int8_weight_bits": [7, 8]})})
     check = export.run(both, "unet")["int8"]
@@ -86,7 +87,11 @@ def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_p
     assert sorted(p.name for p in files.int8_dir.iterdir()) == ["check.json", "model.onnx"]  # no candidate left
     assert (weight_range(files.int8_onnx) <= 64) == (check["weight_bits"] == 7)  # the chosen graph is the one shipped
 
-    assert profile.run(both, "unet")["ort_grid"]  # profile@ quantises in the range export@ chose ...
+    model, meta = load_trained(files.model)
+    for bits in (7, 8):  # the graphs profile@ times at other sizes are quantised in the range they are given ...
+        at = graphs_at(both, "unet", model, meta, 64, tmp_path / f"{bits}bit", bits)
+        assert (weight_range(at["int8"]) <= 64) == (bits == 7)
+    assert profile.run(both, "unet")["ort_grid"]  # ... profile@ gives them the one export@ recorded ...
     stale = {k: v for k, v in check.items() if k != "weight_bits"}
     files.int8_check.write_text(json.dumps(stale))
     with pytest.raises(ValueError, match=r"int8/check.json: a quantised graph without weight_bits"):
