@@ -41,14 +41,19 @@ def local_store(uri: str, root: Path | None = None) -> Path | None:
 
 def check_store(uri: str) -> None:
     """A local SQLite store that exists must be a readable database: one line naming it and what to do, not an
-    SQLAlchemy traceback (a truncated ``mlflow.db``, a ``tracking.uri`` pointing at some other file)."""
+    SQLAlchemy traceback (a truncated ``mlflow.db``, a ``tracking.uri`` pointing at some other file).
+
+    Opened for writing (never created): a writer killed mid-transaction leaves a hot journal, which SQLite rolls
+    back on the next writable open, as MLflow's own would; a read-only open cannot and calls that damage."""
     store = local_store(uri)
     if store is None or not uri.startswith("sqlite:///") or not store.is_file():
         return
     try:
-        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=2) as db:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return  # another stage is committing to it: busy, not damaged (MLflow waits for its turn)
         problems = [str(exc)]
     if problems != ["ok"]:
         raise ParamsError(f"{store}: the MLflow store is not a readable SQLite database ({'; '.join(problems)[:200]}): "
