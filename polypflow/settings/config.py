@@ -155,6 +155,18 @@ class Recipe(Strict):
     # progressive resizing: [first epoch (1-based), training size in px] pairs; images are loaded (and validated,
     # shipped) at image_size, and each batch is resized to its epoch's size before multiscale
     resize_schedule: list[tuple[int, int]] = []
+    # self-distillation: from epoch distill_from (1-based), this weight times the task's distillation loss towards
+    # the EMA's prediction on one of its test-time views (drawn per step: in expectation, the shipped TTA's map)
+    distill_weight: float = Field(0.0, ge=0)
+    distill_from: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _distill_teacher(self) -> "Recipe":
+        if self.distill_weight and not self.ema_decay:
+            raise ValueError(f"distill_weight: {self.distill_weight} needs ema_decay: the moving average is the teacher")
+        if self.distill_weight and self.distill_from > self.epochs:
+            raise ValueError(f"distill_from: epoch {self.distill_from} is after the last epoch ({self.epochs})")
+        return self
 
     @model_validator(mode="after")
     def _schedule_sizes(self) -> "Recipe":

@@ -74,6 +74,9 @@ class DetectionTask:
     def check(self) -> None:
         if self.recipe.loss != LOSS:
             raise ValueError(f"recipe.loss: a detection method trains with loss {LOSS!r}, got {self.recipe.loss!r}")
+        if self.recipe.distill_weight:
+            raise ValueError(f"recipe.distill_weight: {self.recipe.distill_weight}: a detection method has no "
+                             "self-distillation (it is a segmenter's, towards its flip-TTA map); set it to 0")
 
     def dataset(self, data: ImageSet) -> DetectionDataset:
         return DetectionDataset(data, self.recipe.normalize, self.recipe.augment, self.min_area)

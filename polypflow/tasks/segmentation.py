@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.tta import plain, with_temperature
+from models.tta import VIEWS, FlipTTA, plain, with_temperature
 from polypflow.data.images import ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask
 from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
 from polypflow.evaluate.gradcam import save_panels
@@ -117,6 +117,19 @@ class SegmentationTask:
 
     def select(self, metrics: dict[str, float]) -> float:
         return selection_score(metrics)
+
+    def soft_target(self, teacher: nn.Module, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """The ``teacher``'s main-map probabilities on one of its flip-TTA views of ``x`` (drawn from ``rng``),
+        flipped back: over the steps, the targets average to the views' mean map, so the single pass learns what
+        the shipped TTA adds. A teacher without TTA gives its one view (a mean teacher)."""
+        net, views = (teacher.net, VIEWS[teacher.tta]) if isinstance(teacher, FlipTTA) else (teacher, ((),))
+        dims = views[int(rng.integers(len(views)))]
+        logits = net(x.flip(dims) if dims else x)[0]
+        return torch.sigmoid((logits.flip(dims) if dims else logits).float())
+
+    def distill_loss(self, outputs: tuple[torch.Tensor, ...], soft: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the main map's logits against the teacher's probabilities (soft targets)."""
+        return F.binary_cross_entropy_with_logits(outputs[0].float(), soft)
 
     def threshold(self, model: nn.Module, train: ImageSet, device: torch.device) -> float:
         """The binarisation threshold the model is used with: searched on the train set when the recipe says so."""

@@ -14,6 +14,11 @@ are never selected). It is timm's ``ModelEmaV3`` with its warm-up (the decay gro
 to ``ema_decay``): on IC-PolypSeg a fixed decay of 0.99 from the first step (``torch.optim.swa_utils.AveragedModel``)
 left validation Dice at 0 for all of a 4-epoch run whose raw weights reached 0.83. With ``recipe.resize_schedule``
 each epoch trains at its own size (progressive resizing).
+
+With ``recipe.distill_weight`` (and an EMA) the epochs from ``recipe.distill_from`` add that weight times the task's
+``distill_loss`` between the model's outputs and the task's ``soft_target`` of the EMA on the same batch: the
+shipped average teaches the raw weights (self-distillation). The task draws the teacher's view from a generator of
+its own per epoch, so the batches, their scales and a resumed run are what they would be without it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class TrainingTask(Protocol):
     def validate(self, model: nn.Module, val: ImageSet, device: torch.device) -> dict[str, float]: ...
     def select(self, metrics: dict[str, float]) -> float: ...
     def threshold(self, model: nn.Module, train: ImageSet, device: torch.device) -> float: ...
+    # self-distillation (only when ``recipe.distill_weight`` is set; ``check`` refuses it where a task has none)
+    def soft_target(self, teacher: nn.Module, x: torch.Tensor, rng: np.random.Generator) -> Any: ...
+    def distill_loss(self, outputs: Any, soft: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -98,17 +106,27 @@ def rescale(x: torch.Tensor, target: Any, scale: float, task: TrainingTask) -> t
     return x, task.rescale_target(target, size, factor)
 
 
+Teacher = Callable[[torch.Tensor], Any]  # a batch -> the task's soft target for it (no gradient)
+
+
 def train_step(model: nn.Module, x: torch.Tensor, target: Any, task: TrainingTask, optimizer: torch.optim.Optimizer,
-               channels_last: bool, amp: bool, epoch: int) -> torch.Tensor:
+               channels_last: bool, amp: bool, epoch: int, teacher: Teacher | None = None,
+               distill_weight: float = 0.0) -> torch.Tensor:
     """One optimisation step on a batch already on the device: channels-last input if asked, forward under bf16
-    autocast when ``amp`` (:func:`~polypflow.infer.device.amp_enabled`), the task's loss in fp32, backward,
+    autocast when ``amp`` (:func:`~polypflow.infer.device.amp_enabled`), the task's loss in fp32 (plus
+    ``distill_weight`` times its distillation loss towards ``teacher``'s soft target, when given), backward,
     optimiser step. Returns the (detached) loss; a non-finite loss raises before the weights change."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(x)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(x)
     loss = task.loss(model, outputs, target, epoch)
+    if teacher is not None:
+        loss = loss + distill_weight * task.distill_loss(outputs, soft)
     if not torch.isfinite(loss):
         raise RuntimeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}")
     loss.backward()
@@ -123,11 +141,16 @@ def train_epoch(model: nn.Module, loader: DataLoader, task: TrainingTask, optimi
     total, count = 0.0, 0
     amp = amp_enabled(recipe, device)
     size = recipe.train_size(epoch) / recipe.image_size
+    teacher = None
+    if ema is not None and recipe.distill_weight and epoch + 1 >= recipe.distill_from:
+        views = np.random.default_rng([epoch, 1])  # the teacher's own draws: the batches' scales stay as without it
+        teacher = lambda x: task.soft_target(ema.module, x, views)  # noqa: E731
     for step, (images, target) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", mininterval=5,
                                                   leave=False), start=epoch * len(loader) + 1):
         scale = size * float(rng.choice(recipe.multiscale))
         x, target = rescale(images.to(device), task.target_to(target, device), scale, task)
-        loss = train_step(model, x, target, task, optimizer, recipe.channels_last, amp, epoch).item()
+        loss = train_step(model, x, target, task, optimizer, recipe.channels_last, amp, epoch, teacher,
+                          recipe.distill_weight).item()
         if ema is not None:
             ema.update(model, step)
         total += loss * len(x)

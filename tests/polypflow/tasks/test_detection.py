@@ -82,6 +82,13 @@ def test_a_detection_recipe_must_train_with_the_detectors_loss():
         DetectionTask(PARAMS, recipe).check()
 
 
+@pytest.mark.quick
+def test_a_detection_recipe_has_no_self_distillation():
+    recipe = PARAMS.recipe(detection_method(PARAMS), {"ema_decay": 0.99, "distill_weight": 0.5})
+    with pytest.raises(ValueError, match="recipe.distill_weight: 0.5: a detection method has no self-distillation"):
+        DetectionTask(PARAMS, recipe).check()
+
+
 class FixedBoxes(BoxBackend):
     """A detector that finds the same boxes (model-input pixels) in every image."""
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models import build_model, method_entry
+from models.tta import FlipTTA
 from polypflow.data.images import ImageSet
 from polypflow.infer.predictor import Predictor, TorchBackend
 from polypflow.settings.config import Recipe, load_params
@@ -358,3 +359,61 @@ def test_progressive_resizing_trains_each_epoch_at_its_size_and_validates_at_ima
     assert {size for training, size in first if training} == {32}
     assert {size for training, size in second if training} == {64}
     assert {size for training, size in seen if not training} == {64}
+
+
+@pytest.mark.quick
+def test_distillation_needs_the_moving_average_and_a_distilled_epoch():
+    assert recipe(ema_decay=0.5, distill_weight=1.0, distill_from=3).distill_from == 3
+    with pytest.raises(ValueError, match="distill_weight: 1.0 needs ema_decay"):
+        recipe(distill_weight=1.0)
+    with pytest.raises(ValueError, match="distill_from: epoch 4 is after the last epoch"):
+        recipe(ema_decay=0.5, distill_weight=1.0, distill_from=4)
+
+
+@pytest.mark.quick
+def test_the_soft_target_is_the_teachers_map_on_one_drawn_view_flipped_back():
+    """Each draw is one view of the TTA (identity, h- or v-flip), flipped back; the draws cover every view, and a
+    teacher without TTA gives its own map."""
+    net = tiny_unet().eval()
+    teacher = FlipTTA(net, "hvflip").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        views = {dims: torch.sigmoid(net(x.flip(dims) if dims else x)[0].flip(dims) if dims else net(x)[0])
+                 for dims in ((), (3,), (2,))}
+        rng = np.random.default_rng(0)
+        seen = set()
+        for _ in range(12):
+            soft = task(recipe()).soft_target(teacher, x, rng)
+            match = [dims for dims, view in views.items() if torch.allclose(soft, view, atol=1e-6)]
+            assert len(match) == 1
+            seen.add(match[0])
+        assert seen == set(views)
+        assert torch.allclose(task(recipe()).soft_target(net, x, rng), views[()], atol=1e-6)
+    outputs = net(x)
+    assert task(recipe()).distill_loss(outputs, views[()]) > 0
+
+
+def test_distilled_epochs_train_differently_and_resume_exactly_and_earlier_ones_are_unchanged(tmp_path):
+    """``distill_from: 2``: epoch 1 trains exactly as without distillation (the teacher's draws have their own
+    generator); epoch 2 adds the loss towards the EMA's map, so it trains differently; a run crashed after epoch 2
+    and resumed ends where the uninterrupted one ends."""
+    plain_recipe = recipe(epochs=3, ema_decay=0.5, validate_raw=False)
+    distilled = recipe(epochs=3, ema_decay=0.5, validate_raw=False, distill_weight=1.0, distill_from=2)
+    model_a, model_b = tiny_unet(), tiny_unet()
+    result_a = fit(model_a, plain_recipe, TRAIN, VAL, CPU, tmp_path / "a.pt", SEED, task(plain_recipe))
+    result_b = fit(model_b, distilled, TRAIN, VAL, CPU, tmp_path / "b.pt", SEED, task(distilled))
+    assert result_b.history[0]["train_loss"] == pytest.approx(result_a.history[0]["train_loss"], abs=1e-9)
+    assert result_b.history[1]["train_loss"] != pytest.approx(result_a.history[1]["train_loss"], abs=1e-4)
+
+    def crash_after_two(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(tiny_unet(), distilled, TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(distilled), on_epoch=crash_after_two)
+    model_c = tiny_unet(seed=5)
+    result_c = fit(model_c, distilled, TRAIN, VAL, CPU, tmp_path / "c.pt", SEED, task(distilled), resume=True)
+    assert [h["train_loss"] for h in result_c.history] == pytest.approx([h["train_loss"] for h in result_b.history],
+                                                                         abs=1e-9)
+    for key, value in model_b.state_dict().items():
+        assert torch.allclose(value.float(), model_c.state_dict()[key].float(), rtol=0, atol=1e-6), key
