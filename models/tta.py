@@ -49,10 +49,17 @@ class FlipTTA(nn.Module):
         views = VIEWS[self.tta]
         total = None
         for dims in views:
-            outputs = self.net(x.flip(dims) if dims else x)
-            outputs = tuple(o.flip(dims) if dims else o for o in outputs)
+            outputs = in_view(self.net, x, dims)
             total = outputs if total is None else tuple(t + o for t, o in zip(total, outputs, strict=True))
         return tuple(t / len(views) for t in total)
+
+
+def in_view(net: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """``net``'s output maps on one view of ``x``: the input flipped along ``dims``, each map flipped back (``()``:
+    the identity)."""
+    if not dims:
+        return net(x)
+    return tuple(o.flip(dims) for o in net(x.flip(dims)))
 
 
 def with_tta(net: nn.Module, tta: Tta) -> nn.Module:

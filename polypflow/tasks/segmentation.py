@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.tta import VIEWS, FlipTTA, plain, with_temperature
+from models.tta import VIEWS, FlipTTA, in_view, plain, with_temperature
 from polypflow.data.images import ImageSet, SegDataset, load_image_set, read_facts, read_image, read_mask
 from polypflow.evaluate.box_metrics import boxes_from_probability, coco_metrics, truth_boxes
 from polypflow.evaluate.gradcam import save_panels
@@ -124,8 +124,7 @@ class SegmentationTask:
         the shipped TTA adds. A teacher without TTA gives its one view (a mean teacher)."""
         net, views = (teacher.net, VIEWS[teacher.tta]) if isinstance(teacher, FlipTTA) else (teacher, ((),))
         dims = views[int(rng.integers(len(views)))]
-        logits = net(x.flip(dims) if dims else x)[0]
-        return torch.sigmoid((logits.flip(dims) if dims else logits).float())
+        return torch.sigmoid(in_view(net, x, dims)[0].float())
 
     def distill_loss(self, outputs: tuple[torch.Tensor, ...], soft: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of the main map's logits against the teacher's probabilities (soft targets)."""

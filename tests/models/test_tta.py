@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import build_model, check_kwargs, method_entry
-from models.tta import FlipTTA, plain, temperature, with_temperature
+from models.tta import FlipTTA, in_view, plain, temperature, with_temperature
 from polypflow.data.images import NORMALIZATION
 from polypflow.infer.device import CPU
 from polypflow.infer.onnx import onnx_session
@@ -42,6 +42,21 @@ def test_eval_maps_are_the_mean_of_the_flipped_views_and_training_is_the_plain_n
         model.train()
         for g, h in zip(model(x), model.net(x), strict=True):
             torch.testing.assert_close(g, h)
+
+
+@pytest.mark.quick
+def test_a_view_is_the_network_on_the_flipped_input_with_every_map_flipped_back():
+    net = tiny_unet().eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for g, h in zip(in_view(net, x, ()), net(x), strict=True):
+            torch.testing.assert_close(g, h)
+        for dims in ((3,), (2,), (2, 3)):
+            got, flipped = in_view(net, x, dims), net(x.flip(dims))
+            assert len(got) == len(flipped)
+            for g, f in zip(got, flipped, strict=True):
+                torch.testing.assert_close(g, f.flip(dims))
+            assert not torch.allclose(got[0], net(x)[0])  # the view is not the identity
 
 
 @pytest.mark.quick
