@@ -16,8 +16,10 @@ method's training images, ``polypflow.tasks.plan.calibration_batches``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +94,27 @@ def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray
     precision elsewhere."""
     if weight_bits not in (7, 8):
         raise ValueError(f"{src}: int8 weights take 7 or 8 bits, got {weight_bits}")
-    with tempfile.TemporaryDirectory(prefix="quantize-") as work, atomic_path(dst, suffix=".onnx") as tmp:
+    with (_root_info_muted(), tempfile.TemporaryDirectory(prefix="quantize-") as work,
+          atomic_path(dst, suffix=".onnx") as tmp):
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7)
     return Path(dst)
+
+
+@contextlib.contextmanager
+def _root_info_muted() -> Iterator[None]:
+    """Drop the records made on the root logger below WARNING: onnxruntime's quantiser reports each bias it copies
+    and each weight channel whose scale it widens with ``logging.info`` on it (1386 lines for IC-PolypSeg-Lite1's
+    two graphs in export@'s log). A logger's filters see only the records made on it, so every named logger's
+    records, the pipeline's and onnxruntime's own, still pass."""
+    root, warnings_up = logging.getLogger(), lambda record: record.levelno >= logging.WARNING
+    root.addFilter(warnings_up)
+    try:
+        yield
+    finally:
+        root.removeFilter(warnings_up)
 
 
 def onnx_session(path: Path | str, threads: int | None = None) -> ort.InferenceSession:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -65,3 +67,19 @@ def test_int8_graph_is_qdq_and_tracks_fp32_on_polyp_frames(fp32, tmp_path):
     assert dice_batch(full, masks).mean() > 0.6  # the fitted map finds the polyps ...
     assert np.abs(low - full).mean() < 0.02      # ... and the int8 map stays close to it
     assert dice_batch(low, full >= 0.5).mean() > 0.95
+
+
+def test_the_quantisers_line_per_tensor_is_dropped_while_it_quantises_and_only_then(tmp_path, caplog):
+    conv = torch.nn.Conv2d(3, 4, 1)
+    with torch.no_grad():  # a bias the weights' int8 scale cannot carry: onnxruntime widens the scale, with a
+        conv.weight.fill_(1e-6)  # logging.info per channel on the root logger (1386 lines for Lite1's two graphs)
+        conv.bias.fill_(1e3)
+    graph = DeployGraph(torch.nn.Sequential(conv), lambda model, out, image: out, *NORMALIZATION["imagenet"])
+    fp32 = export_onnx(graph, tmp_path / "fp32.onnx", SIZE, 18, ("out",))
+    batches = (image.transpose(2, 0, 1)[None].astype(np.float32) / 255 for image in frames(100, 2)[0])
+    caplog.clear()  # the exporter's own lines
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("polypflow.test").info("a named logger")
+        quantize_int8(fp32, tmp_path / "int8.onnx", batches)
+        logging.info("after quantising")
+    assert [r.getMessage() for r in caplog.records] == ["a named logger", "after quantising"]
