@@ -11,18 +11,21 @@ outputs with a dynamic batch would need a padded or flattened-index output every
 
 :func:`quantize_int8` makes the int8 graph of an exported one: onnxruntime's own static quantiser, QDQ format,
 per-channel int8 weights, uint8 activations, calibrated (min/max) on the batches it is given (the pipeline's: the
-method's training images, ``polypflow.tasks.plan.calibration_batches``).
+method's training images, ``polypflow.tasks.plan.calibration_batches``), the modules it is told to keep in float32
+left unquantised (mixed precision: :func:`float_nodes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -85,22 +88,41 @@ class _Batches(CalibrationDataReader):
         return None if batch is None else {"image": np.ascontiguousarray(batch, dtype=np.float32)}
 
 
-def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray], weight_bits: int = 8) -> Path:
+def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray], weight_bits: int = 8,
+                  float_modules: Sequence[str] = ()) -> Path:
     """Write the static int8 quantisation of ONNX graph ``src`` to ``dst`` atomically: shape inference
     (``quant_pre_process``), then ``quantize_static`` in QDQ format, per-channel int8 weights, uint8 activations,
     calibrated by min/max on ``batches`` (float32 N×3×S×S RGB in [0, 1], the graph's input ``image``).
     ``weight_bits``: 8 (the full range) or 7 (onnxruntime's ``reduce_range``), which avoids the saturating
     uint8 × int8 products of x86 CPUs without VNNI (AVX2-only, such as one 2-core AMD EPYC), at a bit of weight
-    precision elsewhere."""
+    precision elsewhere. The nodes of ``float_modules`` (:func:`float_nodes`) stay in float32."""
     if weight_bits not in (7, 8):
         raise ValueError(f"{src}: int8 weights take 7 or 8 bits, got {weight_bits}")
     with (_root_info_muted(), tempfile.TemporaryDirectory(prefix="quantize-") as work,
           atomic_path(dst, suffix=".onnx") as tmp):
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        kept = float_nodes(onnx.load(str(prepared)).graph, float_modules, src)
         quantize_static(str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
+                        nodes_to_exclude=kept)
     return Path(dst)
+
+
+def float_nodes(graph: onnx.GraphProto, modules: Sequence[str], named: Path | str) -> list[str]:
+    """The names of the nodes of ``graph`` that take a parameter of one of ``modules``: module paths in the network
+    (``encoder.blocks.0``), matched inside any wrapper's path (the exported ``model.encoder.blocks.0.0.conv_dw.weight``,
+    or ``model.net.encoder.blocks.0.0.conv_dw.weight`` in a test-time-augmented graph). A module that no node takes a
+    parameter of is an error naming the graph ``named``."""
+    found = {}
+    for module in modules:
+        pattern = re.compile(rf"(^|\.){re.escape(module)}\.")
+        found[module] = [node.name for node in graph.node if any(pattern.search(name) for name in node.input)]
+    missing = [module for module, nodes in found.items() if not nodes]
+    if missing:
+        raise ValueError(f"{named}: no node takes a parameter of {missing} (int8_float_modules: module paths in the "
+                         "network, such as encoder.blocks.0)")
+    return sorted({node for nodes in found.values() for node in nodes})
 
 
 @contextlib.contextmanager

@@ -193,11 +193,13 @@ class Recipe(Strict):
 
 
 class MethodSpec(Strict):
-    """A configured method: ``arch`` names the registered builder (default: the entry's own key)."""
+    """A configured method: ``arch`` names the registered builder (default: the entry's own key);
+    ``int8_float_modules``: module paths in its network (``encoder.blocks.0``) its int8 graphs keep in float32."""
 
     arch: str | None = None
     model: dict[str, Any] = {}
     recipe: dict[str, Any] = {}
+    int8_float_modules: list[str] = []
 
 
 class Train(Strict):

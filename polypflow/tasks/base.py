@@ -83,10 +83,12 @@ class Task(TrainingTask, Protocol):
     @classmethod
     def export(cls, model: nn.Module, meta: dict, path: Path, opset: int) -> tuple[float, dict[str, Any]]:
         """Write the ONNX graph to ``path``; its largest difference from PyTorch and what the parity report says."""
-    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int) -> str:
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int,
+                 float_modules: Sequence[str] = ()) -> str:
         """Write the int8 graph of the exported ``fp32`` graph to ``dst``, calibrated on ``calibration`` (the
-        graph's input batches: training images), its weights in ``weight_bits`` (7 or 8); '' when written, else why
-        this task's graph is not quantised (nothing written, ``calibration`` not read)."""
+        graph's input batches: training images), its weights in ``weight_bits`` (7 or 8), the network's
+        ``float_modules`` left in float32; '' when written, else why this task's graph is not quantised (nothing
+        written, ``calibration`` not read)."""
     def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:
         """What is scored (e.g. ``mDice@0.5 at the masks' resolution``) and each exported graph's mean score on the
         images ``keys``, at the model's threshold as it ships. Only for graphs :meth:`quantize` applies to."""

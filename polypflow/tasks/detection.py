@@ -226,7 +226,8 @@ class DetectionTask:
                            "(models.gfl_atss.postprocess)", "decode": meta["decode"], "detections": check}
         return max(check["boxes_max_abs"], check["scores_max_abs"]), extra
 
-    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int) -> str:
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int,
+                 float_modules: Sequence[str] = ()) -> str:
         """Not quantised: a graph ships only with its accuracy checked, and a detector's check (box AP of the int8
         graph against fp32 after the same NMS, on every test set) is not written yet."""
         return INT8_DECLINED

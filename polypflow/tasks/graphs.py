@@ -30,8 +30,8 @@ def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path) -
     """Quantise the exported ``fp32`` graph of ``method`` to ``dst`` and score both on every test set: per set
     ``fp32``, ``int8`` and their ``drop``; ``within_budget`` when no set drops by more than
     ``export.int8_max_dice_drop``. With several ``export.int8_weight_bits``, :func:`choose_int8` picks the graph
-    that ships on the validation images (``selection``). A task that does not quantise writes nothing and says why
-    (``reason``)."""
+    that ships on the validation images (``selection``); the method's ``int8_float_modules`` stay in float32
+    (``float_modules``). A task that does not quantise writes nothing and says why (``reason``)."""
     task = task_of(meta["arch"])(params)
     dst.unlink(missing_ok=True)  # a graph of an earlier run must not outlive a task that now declines
     chosen = choose_int8(params, method, task, meta, fp32, dst)
@@ -44,9 +44,11 @@ def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path) -
             sets[dataset] = {"n": len(keys), "fp32": before, "int8": after, "drop": before - after}
     worst = max((s["drop"] for s in sets.values()), default=0.0)
     budget = params.export.int8_max_dice_drop
-    bits = chosen["weight_bits"]
+    bits, kept = chosen["weight_bits"], float_modules(params, method)
+    mixed = f"; {', '.join(kept)} in float32" if kept else ""
     check = {"quantised": True, "format": f"QDQ, per-channel int8 weights ({WEIGHT_RANGE[bits]}), uint8 activations "
-             "(static, min/max)", "weight_bits": bits, "calibration_images": params.export.int8_calibration_images,
+             f"(static, min/max){mixed}", "weight_bits": bits, "float_modules": kept,
+             "calibration_images": params.export.int8_calibration_images,
              "metric": metric, "test_sets": sets, "worst_drop": worst, "max_drop": budget,
              "within_budget": bool(worst <= budget)}
     if "selection" in chosen:
@@ -64,14 +66,15 @@ def choose_int8(params: Params, method: str, task: Task, meta: dict, fp32: Path,
     Returns ``weight_bits``, with ``selection`` (each candidate's validation score and drop) where there was a
     choice, or the task's ``reason`` for not quantising."""
     candidates, size = params.export.int8_weight_bits, int(meta["image_size"])
+    kept = float_modules(params, method)
     if len(candidates) == 1:
-        reason = task.quantize(fp32, dst, calibration_batches(params, method, size), candidates[0])
+        reason = task.quantize(fp32, dst, calibration_batches(params, method, size), candidates[0], kept)
         return {"reason": reason} if reason else {"weight_bits": candidates[0]}
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="int8-candidates-", dir=dst.parent) as folder:
         graphs = {bits: Path(folder) / f"{bits}bit.onnx" for bits in candidates}
         for bits, graph in graphs.items():
-            reason = task.quantize(fp32, graph, calibration_batches(params, method, size), bits)
+            reason = task.quantize(fp32, graph, calibration_batches(params, method, size), bits, kept)
             if reason:
                 return {"reason": reason}
         keys = list(read_splits(params)["val"])
@@ -81,6 +84,11 @@ def choose_int8(params: Params, method: str, task: Task, meta: dict, fp32: Path,
         os.replace(graphs[best], dst)
     return {"weight_bits": best, "selection": {"on": "validation", "n": len(keys), "metric": metric, "fp32": before,
                                                "candidates": {str(bits): s for bits, s in scored.items()}}}
+
+
+def float_modules(params: Params, method: str) -> list[str]:
+    """The modules of ``method``'s network its int8 graphs keep in float32 (``methods.<method>.int8_float_modules``)."""
+    return list(params.methods[method].int8_float_modules)
 
 
 def exported_weight_bits(check: dict, where: Path) -> int | None:
@@ -104,7 +112,8 @@ def graphs_at(params: Params, method: str, model: nn.Module, meta: dict, size: i
     task.export(model.cpu(), {**meta, "image_size": size}, fp32, params.export.opset)  # ONNX Runtime's CPU graphs
     if weight_bits is None:
         return {"fp32": fp32}
-    declined = task(params).quantize(fp32, int8, calibration_batches(params, method, size), weight_bits)
+    declined = task(params).quantize(fp32, int8, calibration_batches(params, method, size), weight_bits,
+                                     float_modules(params, method))
     return {"fp32": fp32} if declined else {"fp32": fp32, "int8": int8}
 
 

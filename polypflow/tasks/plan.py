@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from models import build_model, check_kwargs
+from models.tta import plain
 from polypflow.data.images import load_image_set, read_facts, read_splits
 from polypflow.data.splits import read_test_lists
 from polypflow.infer.device import resolve_device
@@ -103,7 +104,25 @@ def check_settings(params: Params) -> list[str]:
     planned += [(m, params.recipe(m, params.lr_search.recipe)) for m in params.lr_search.methods]
     for method, recipe in planned:
         method_task(params, method, recipe)
+    for method in params.train.methods:
+        check_float_modules(params, method)
     return sorted({method for method, _ in planned})
+
+
+def check_float_modules(params: Params, method: str) -> None:
+    """``methods.<method>.int8_float_modules`` name modules with parameters in ``method``'s network (its plain
+    network, without a test-time-augmentation wrapper): an error naming the key, before anything is trained (the
+    network is built only for a method that names some)."""
+    modules = params.methods[method].int8_float_modules
+    if not modules:
+        return
+    arch, kwargs = params.method_arch(method)
+    network = dict(plain(build_model(arch, **kwargs)).named_modules())
+    wrong = [m for m in modules if m not in network or next(network[m].parameters(), None) is None]
+    if wrong:
+        top = ", ".join(name for name in network if name and "." not in name)
+        raise ParamsError(f"methods.{method}.int8_float_modules: {wrong} name no module with parameters in its "
+                          f"network (module paths such as encoder.blocks.0; its top-level modules: {top})")
 
 
 def build_plan_model(plan: MethodPlan) -> nn.Module:

@@ -330,9 +330,10 @@ class SegmentationTask:
         export_onnx(graph, path, meta["image_size"], opset, cls.onnx_outputs)
         return parity(graph, path, meta["image_size"]), {"output": "N x 1 x S x S polyp probability"}
 
-    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int) -> str:
+    def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int,
+                 float_modules: Sequence[str] = ()) -> str:
         """Static int8, QDQ (:func:`~polypflow.infer.onnx.quantize_int8`)."""
-        quantize_int8(fp32, dst, calibration, weight_bits)
+        quantize_int8(fp32, dst, calibration, weight_bits, float_modules)
         return ""
 
     def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:

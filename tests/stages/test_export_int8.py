@@ -98,6 +98,27 @@ def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_p
         profile.run(both, "unet")  # ... and refuses a check.json that does not say which
 
 
+def float_conv_weights(graph) -> list[str]:
+    """The weights that reach a Conv of a QDQ graph as float32 initializers (the others come from a DequantizeLinear)."""
+    model = onnx.load(str(graph))
+    floats = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    return [node.input[1] for node in model.graph.node if node.op_type == "Conv" and node.input[1] in floats]
+
+
+def test_a_methods_float_modules_stay_float32_in_the_int8_graph_it_ships_and_the_ones_profile_times(trained, tmp_path):
+    params, files, stem = trained, method_layout(trained, "unet"), "net.encoder.model.conv_stem"
+    methods = {**params.methods, "unet": params.methods["unet"].model_copy(update={"int8_float_modules": [stem]})}
+    mixed = params.model_copy(update={"methods": methods})
+    check = export.run(mixed, "unet")["int8"]
+    assert check["float_modules"] == [stem] and check["format"].endswith(f"; {stem} in float32")
+    model, meta = load_trained(files.model)
+    timed = graphs_at(mixed, "unet", model, meta, 64, tmp_path, check["weight_bits"])["int8"]
+    for graph in (files.int8_onnx, timed):
+        kept = float_conv_weights(graph)
+        assert len(kept) == 1 and f"{stem}." in kept[0]  # the stem's convolution, and only it
+    assert float_conv_weights(graphs_at(params, "unet", model, meta, 64, tmp_path / "all", 8)["int8"]) == []
+
+
 @pytest.mark.quick
 def test_a_detector_declines_int8_and_says_why_without_reading_images(tmp_path):
     params = load_params(REPO / "params.yaml")  # no data is read: the calibration images stay unloaded

@@ -1,4 +1,5 @@
-"""int8 ONNX (polypflow.infer.onnx.quantize_int8): a QDQ graph whose masks track the fp32 graph's on polyp-like frames."""
+"""int8 ONNX (polypflow.infer.onnx.quantize_int8): a QDQ graph whose masks track the fp32 graph's on polyp-like frames,
+with the modules it is told to keep in float32 left unquantised."""
 
 from __future__ import annotations
 
@@ -83,3 +84,35 @@ def test_the_quantisers_line_per_tensor_is_dropped_while_it_quantises_and_only_t
         quantize_int8(fp32, tmp_path / "int8.onnx", batches)
         logging.info("after quantising")
     assert [r.getMessage() for r in caplog.records] == ["a named logger", "after quantising"]
+
+
+def conv_weights(graph: onnx.GraphProto) -> dict[str, bool]:
+    """Each Conv's weight -> whether it reaches the Conv quantised (through a DequantizeLinear of int8 values) rather
+    than as a float32 initializer; keyed by the float initializer's name or the int8 one's."""
+    made_by = {out: node for node in graph.node for out in node.output}
+    weights = {}
+    for node in (n for n in graph.node if n.op_type == "Conv"):
+        source = made_by.get(node.input[1])
+        quantised = source is not None and source.op_type == "DequantizeLinear"
+        weights[source.input[0] if quantised else node.input[1]] = quantised
+    return weights
+
+
+def test_modules_kept_in_float32_stay_unquantised_and_the_rest_is_int8(fp32, tmp_path):
+    calibration = lambda: (image.transpose(2, 0, 1)[None].astype(np.float32) / 255 for image in frames(100, 4)[0])  # noqa: E731
+    full = conv_weights(onnx.load(str(quantize_int8(fp32, tmp_path / "all.onnx", calibration()))).graph)
+    assert len(full) == 3 and all(full.values())  # by default every convolution is int8
+    mixed = quantize_int8(fp32, tmp_path / "mixed.onnx", calibration(), float_modules=["body.3"])
+    weights = conv_weights(onnx.load(str(mixed)).graph)
+    kept = [name for name, quantised in weights.items() if not quantised]
+    assert len(kept) == 1 and "body.3." in kept[0]  # the dilated convolution's weight is float32 ...
+    assert sum(weights.values()) == 2               # ... the other two are still int8
+    x = frames(200, 4)[0].transpose(0, 3, 1, 2).astype(np.float32) / 255
+    assert np.abs(onnx_session(mixed).run(None, {"image": x})[0] - onnx_session(fp32).run(None, {"image": x})[0]).max() < 0.2
+
+
+def test_a_module_no_node_takes_a_parameter_of_is_an_error_naming_the_graph(fp32, tmp_path):
+    batches = (image.transpose(2, 0, 1)[None].astype(np.float32) / 255 for image in frames(100, 2)[0])
+    with pytest.raises(ValueError, match=r"fp32\.onnx: no node takes a parameter of \['body\.9'\]"):
+        quantize_int8(fp32, tmp_path / "int8.onnx", batches, float_modules=["body.0", "body.9"])
+    assert not (tmp_path / "int8.onnx").exists()

@@ -23,6 +23,11 @@ def test_good_settings_pass_and_name_the_methods_checked(synthetic_root):
     assert set(check_settings(params)) == {*params.train.methods, params.crossval.method}
 
 
+def test_modules_kept_in_float32_pass_where_the_network_has_them(synthetic_root):
+    edit = lambda raw: raw["methods"]["unet"].update(int8_float_modules=["net.encoder.model.conv_stem"])  # noqa: E731
+    assert check_settings(params_with(synthetic_root, edit)) == ["unet"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda raw: raw["methods"][raw["train"]["methods"][0]].setdefault("model", {}).update(encoder_nmae="x"),
      r"methods\.\w+\.model: unknown argument\(s\) \['encoder_nmae'\]"),
@@ -30,6 +35,10 @@ def test_good_settings_pass_and_name_the_methods_checked(synthetic_root):
      r"methods\.\w+.*dicee"),
     (lambda raw: raw["split"].update(scheme="pranet", test_lists="/nowhere/lists"),
      r"split\.test_lists: /nowhere/lists: no such folder"),
+    (lambda raw: raw["methods"]["unet"].update(int8_float_modules=["net.encoder.model.conv_stem", "encoder.blocks.0"]),
+     r"methods\.unet\.int8_float_modules: \['encoder\.blocks\.0'\] name no module .*top-level modules: net"),
+    (lambda raw: raw["methods"]["unet"].update(int8_float_modules=["net.encoder.model.bn1.act"]),  # no parameters
+     r"methods\.unet\.int8_float_modules: \['net\.encoder\.model\.bn1\.act'\] name no module with parameters"),
 ])
 def test_a_setting_no_stage_could_use_is_refused_naming_it(synthetic_root, edit, message):
     with pytest.raises((ValueError, ParamsError), match=message):
