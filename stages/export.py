@@ -9,10 +9,10 @@ largest difference to PyTorch on random input is reported in ``parity.json`` and
 Then the int8 graph (``int8/model.onnx``): the task quantises the fp32 graph statically (QDQ), calibrated on
 ``export.int8_calibration_images`` of the images the method trained on (with more than one weight range in
 ``export.int8_weight_bits``, the one dropping least on the validation images ships, each candidate's drop recorded
-under ``selection``; the method's ``int8_float_modules`` stay in float32), and scores both graphs on every test set (``int8/check.json``, and under ``int8`` in
-``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not fail the stage: it is recorded
-(``within_budget: false``) and logged as a warning. A task that does not quantise writes only ``check.json``, saying
-why.
+under ``selection``; the method's ``int8_float_modules`` stay in float32), and scores both graphs on every test set
+(``int8/check.json``, and under ``int8`` in ``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not
+fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not quantise
+writes only ``check.json``, saying why.
 
 A model shipped with test-time augmentation is also exported as its plain network (``plain/``: the same weights in
 one pass, its fp32 and int8 graphs scored on every test set in ``plain/check.json``), so profile@ and the report can

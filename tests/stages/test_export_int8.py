@@ -99,7 +99,7 @@ def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_p
 
 
 def float_conv_weights(graph) -> list[str]:
-    """The weights that reach a Conv of a QDQ graph as float32 initializers (the others come from a DequantizeLinear)."""
+    """The weights that reach a Conv of a QDQ graph as float32 initializers (the others: from a DequantizeLinear)."""
     model = onnx.load(str(graph))
     floats = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
     return [node.input[1] for node in model.graph.node if node.op_type == "Conv" and node.input[1] in floats]
