@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import yaml
 from PIL import Image, ImageDraw
@@ -179,3 +180,21 @@ def unless_present(present: bool, reason: str) -> pytest.MarkDecorator:
 def skip_or_fail(reason: str) -> None:
     """``pytest.skip`` on a contributor's machine, ``pytest.fail`` under CI (a missing service is a failure there)."""
     (pytest.fail if IN_CI else pytest.skip)(reason)
+
+
+def conv_weights(graph: Path | str) -> dict[str, bool]:
+    """Each Conv's weight in ONNX graph ``graph`` -> whether it reaches the Conv quantised (through a DequantizeLinear
+    of int8 values) rather than as a float32 initializer; keyed by the float initializer's name or the int8 one's."""
+    nodes = onnx.load(str(graph)).graph.node
+    made_by = {out: node for node in nodes for out in node.output}
+    weights = {}
+    for node in (n for n in nodes if n.op_type == "Conv"):
+        source = made_by.get(node.input[1])
+        quantised = source is not None and source.op_type == "DequantizeLinear"
+        weights[source.input[0] if quantised else node.input[1]] = quantised
+    return weights
+
+
+def float_weights(graph: Path | str) -> list[str]:
+    """The Conv weights of ``graph`` left in float32 (:func:`conv_weights`)."""
+    return [name for name, quantised in conv_weights(graph).items() if not quantised]

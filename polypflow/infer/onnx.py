@@ -102,7 +102,7 @@ def quantize_int8(src: Path | str, dst: Path | str, batches: Iterable[np.ndarray
           atomic_path(dst, suffix=".onnx") as tmp):
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        kept = float_nodes(onnx.load(str(prepared)).graph, float_modules, src)
+        kept = float_nodes(onnx.load(str(prepared)).graph, float_modules, src) if float_modules else []
         quantize_static(str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
                         nodes_to_exclude=kept)

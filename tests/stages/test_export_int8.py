@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import REPO, stage_workdir
+from conftest import REPO, float_weights, stage_workdir
 from polypflow.settings.config import load_params
 from polypflow.settings.layout import method_layout
 from polypflow.tasks.graphs import graphs_at, int8_check
@@ -98,13 +98,6 @@ def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_p
         profile.run(both, "unet")  # ... and refuses a check.json that does not say which
 
 
-def float_conv_weights(graph) -> list[str]:
-    """The weights that reach a Conv of a QDQ graph as float32 initializers (the others: from a DequantizeLinear)."""
-    model = onnx.load(str(graph))
-    floats = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
-    return [node.input[1] for node in model.graph.node if node.op_type == "Conv" and node.input[1] in floats]
-
-
 def test_a_methods_float_modules_stay_float32_in_the_int8_graph_it_ships_and_the_ones_profile_times(trained, tmp_path):
     params, files, stem = trained, method_layout(trained, "unet"), "net.encoder.model.conv_stem"
     methods = {**params.methods, "unet": params.methods["unet"].model_copy(update={"int8_float_modules": [stem]})}
@@ -114,9 +107,9 @@ def test_a_methods_float_modules_stay_float32_in_the_int8_graph_it_ships_and_the
     model, meta = load_trained(files.model)
     timed = graphs_at(mixed, "unet", model, meta, 64, tmp_path, check["weight_bits"])["int8"]
     for graph in (files.int8_onnx, timed):
-        kept = float_conv_weights(graph)
+        kept = float_weights(graph)
         assert len(kept) == 1 and f"{stem}." in kept[0]  # the stem's convolution, and only it
-    assert float_conv_weights(graphs_at(params, "unet", model, meta, 64, tmp_path / "all", 8)["int8"]) == []
+    assert float_weights(graphs_at(params, "unet", model, meta, 64, tmp_path / "all", 8)["int8"]) == []
 
 
 @pytest.mark.quick

@@ -13,7 +13,7 @@ import torch
 from polypflow.data.images import NORMALIZATION, to_tensor
 from polypflow.infer.onnx import DeployGraph, export_onnx, onnx_session, probability, quantize_int8
 from polypflow.evaluate.seg_metrics import dice_batch
-from tests.conftest import make_pair
+from tests.conftest import conv_weights, float_weights, make_pair
 
 pytestmark = pytest.mark.quick
 SIZE = 64
@@ -86,27 +86,14 @@ def test_the_quantisers_line_per_tensor_is_dropped_while_it_quantises_and_only_t
     assert [r.getMessage() for r in caplog.records] == ["a named logger", "after quantising"]
 
 
-def conv_weights(graph: onnx.GraphProto) -> dict[str, bool]:
-    """Each Conv's weight -> whether it reaches the Conv quantised (through a DequantizeLinear of int8 values) rather
-    than as a float32 initializer; keyed by the float initializer's name or the int8 one's."""
-    made_by = {out: node for node in graph.node for out in node.output}
-    weights = {}
-    for node in (n for n in graph.node if n.op_type == "Conv"):
-        source = made_by.get(node.input[1])
-        quantised = source is not None and source.op_type == "DequantizeLinear"
-        weights[source.input[0] if quantised else node.input[1]] = quantised
-    return weights
-
-
 def test_modules_kept_in_float32_stay_unquantised_and_the_rest_is_int8(fp32, tmp_path):
     def calibration():
         return (image.transpose(2, 0, 1)[None].astype(np.float32) / 255 for image in frames(100, 4)[0])
 
-    full = conv_weights(onnx.load(str(quantize_int8(fp32, tmp_path / "all.onnx", calibration()))).graph)
+    full = conv_weights(quantize_int8(fp32, tmp_path / "all.onnx", calibration()))
     assert len(full) == 3 and all(full.values())  # by default every convolution is int8
     mixed = quantize_int8(fp32, tmp_path / "mixed.onnx", calibration(), float_modules=["body.3"])
-    weights = conv_weights(onnx.load(str(mixed)).graph)
-    kept = [name for name, quantised in weights.items() if not quantised]
+    weights, kept = conv_weights(mixed), float_weights(mixed)
     assert len(kept) == 1 and "body.3." in kept[0]  # the dilated convolution's weight is float32 ...
     assert sum(weights.values()) == 2               # ... the other two are still int8
     x = frames(200, 4)[0].transpose(0, 3, 1, 2).astype(np.float32) / 255
