@@ -10,13 +10,15 @@ Then the int8 graph (``int8/model.onnx``): the task quantises the fp32 graph sta
 ``export.int8_calibration_images`` of the images the method trained on (with more than one weight range in
 ``export.int8_weight_bits``, the one dropping least on the validation images ships, each candidate's drop recorded
 under ``selection``; the method's ``int8_float_modules`` stay in float32), and scores both graphs on every test set
-(``int8/check.json``, and under ``int8`` in ``parity.json``). A drop beyond ``export.int8_max_dice_drop`` does not
-fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not quantise
-writes only ``check.json``, saying why.
+(``int8/check.json``, and under ``int8`` in ``parity.json``; each image's score by each graph in
+``int8/per_image.csv``, which the report pairs with published maps). A drop beyond ``export.int8_max_dice_drop``
+does not fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not
+quantise writes only ``check.json``, saying why.
 
 A model shipped with test-time augmentation is also exported as its plain network (``plain/``: the same weights in
-one pass, its fp32 and int8 graphs scored on every test set in ``plain/check.json``), so profile@ and the report can
-set what the augmentation buys against what it costs; the shipped graph stays the augmented one.
+one pass, its fp32 and int8 graphs scored on every test set in ``plain/check.json`` and ``plain/per_image.csv``), so
+profile@ and the report can set what the augmentation buys against what it costs; the shipped graph stays the
+augmented one.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def run(params: Params, method: str) -> dict:
               "input": f"N x 3 x {size} x {size}, RGB in [0, 1]", "bytes": files.onnx.stat().st_size, **extra}
     write_json(files.parity, report)  # what was measured stays, even when the graph is refused
     require_parity(files.onnx, diff, params.export.atol)
-    report["int8"] = check = int8_check(params, method, meta, files.onnx, files.int8_onnx)
+    report["int8"] = check = int8_check(params, method, meta, files.onnx, files.int8_onnx, files.int8_scores)
     write_json(files.int8_check, check)
-    report["plain"] = bare = plain_graphs(params, method, model, meta, files.plain_onnx, files.plain_int8_onnx)
+    report["plain"] = bare = plain_graphs(params, method, model, meta, files.plain_onnx, files.plain_int8_onnx,
+                                          files.plain_scores)
     write_json(files.plain_check, bare)
     write_json(files.parity, report)
     with tracking.stage_run(params, "export", method, parent_run_id=train_run) as run:
@@ -62,6 +65,7 @@ def run(params: Params, method: str) -> dict:
         mlflow.log_dict(check, "onnx_int8/check.json")
         if check["quantised"]:
             mlflow.log_artifact(str(files.int8_onnx), artifact_path="onnx_int8")
+            mlflow.log_artifact(str(files.int8_scores), artifact_path="onnx_int8")
         if bare["applies"]:
             mlflow.log_artifacts(str(files.plain_dir), artifact_path="onnx_plain")
     write_json(files.run_record("export"), {"run_id": run.info.run_id})

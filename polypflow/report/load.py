@@ -37,6 +37,7 @@ class MethodResults:
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # per video sequence (stability.csv)
     int8: dict | None = None  # export's int8 check (int8/check.json): quantised or why not, Dice of both graphs
     plain: dict | None = None  # a TTA model's plain network (plain/check.json): applies or not, Dice of its graphs
+    graph_scores: dict[str, pd.DataFrame] = field(default_factory=dict)  # graph -> per_image.csv of its export check
 
     @property
     def label(self) -> str:
@@ -84,7 +85,10 @@ def load_method(params: Params, method: str) -> MethodResults:
     return MethodResults(method, params.method_arch(method)[0], *read_evaluation(files, "evaluate"), files.eval_dir,
                          read_json(files.profile), read_json(files.metrics) or {}, read_json(files.registered) or {},
                          history=read_csv(files.history), stability=read_csv(files.eval_table("stability")),
-                         int8=read_json(files.int8_check), plain=read_json(files.plain_check))
+                         int8=read_json(files.int8_check), plain=read_json(files.plain_check),
+                         graph_scores={graph: table for graph, path in (("shipped", files.int8_scores),
+                                                                        ("plain", files.plain_scores))
+                                       if len(table := read_csv(path))})
 
 
 def load_external(params: Params, name: str) -> MethodResults:

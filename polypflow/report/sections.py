@@ -256,6 +256,14 @@ def significance_section(methods: list[MethodResults], cfg, seed: int) -> tuple[
         section.table(table)
     else:
         section.text("Only one method evaluated: no pairwise comparison (add methods to train.methods).")
+    graphs = tables.graph_significance_table(methods, cfg.n_boot, seed, cfg.confidence)
+    if len(graphs):
+        section.text("The graphs a user deploys beyond the evaluated one, against each published method's maps by the "
+                     "same test (Holm over these rows): each model's int8 graph and, for a model shipped with "
+                     "test-time augmentation, its plain network (same weights, one pass) in fp32 and int8, the "
+                     "real-time graphs of the accuracy-vs-FPS chart. Per-image Dice at the model's threshold at the "
+                     "masks' resolution, from export's per_image.csv.")
+        section.table(graphs, "Exported graphs against published maps (export/<method>/{int8,plain}/per_image.csv)")
     registry = tables.registry_table(methods)
     if len(registry):
         section.text("Model registry: the alias 'champion' of each registered model moved only when the paired "

@@ -144,13 +144,44 @@ def significance_table(methods: list[MethodResults], n_boot: int, seed: int, con
                        pairs: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
     """Paired bootstrap CI of the Dice difference of each compared pair (:func:`compared_pairs`) on every
     test set both were scored on, over the images both have."""
+    compared = [(a.label, dice_of(a, dataset), b.label, dice_of(b, dataset), dataset)
+                for a, b in compared_pairs(methods, pairs) for dataset in sorted(set(a.summary) & set(b.summary))]
+    return paired_table(compared, n_boot, seed, confidence)
+
+
+EXPORTED_GRAPHS = (("shipped", "int8"), ("plain", "fp32"), ("plain", "int8"))  # the shipped fp32 graph is evaluated
+
+
+def graph_dice(m: MethodResults, graph: str, precision: str, dataset: str) -> pd.Series:
+    """Per-image Dice of one of ``m``'s exported graphs (``graph``: shipped or plain; ``precision``: fp32 or int8) on
+    ``dataset``, from export's per_image.csv, by image key (empty where export did not score that graph)."""
+    table = m.graph_scores.get(graph, pd.DataFrame())
+    part = table[table["dataset"] == dataset] if len(table) else table
+    return part.set_index("key")[precision] if len(part) else pd.Series(dtype=float)
+
+
+def graph_significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float) -> pd.DataFrame:
+    """:func:`significance_table` for the graphs a user deploys beyond the evaluated one, against each published
+    method's maps: each of our models' int8 graph and, for a model shipped with test-time augmentation, its plain
+    network in fp32 and int8 (:data:`EXPORTED_GRAPHS`), on every test set both were scored on."""
+    external = [e for e in methods if e.external]
+    compared = [(f"{m.label} ({graph} {precision})", dice, e.label, dice_of(e, dataset), dataset)
+                for m in methods if not m.external for graph, precision in EXPORTED_GRAPHS
+                for e in external for dataset in sorted(e.summary)
+                if len(dice := graph_dice(m, graph, precision, dataset))]
+    return paired_table(compared, n_boot, seed, confidence)
+
+
+def paired_table(compared: list[tuple[str, pd.Series, str, pd.Series, str]], n_boot: int, seed: int,
+                 confidence: float) -> pd.DataFrame:
+    """One row per (label A, Dice A, label B, Dice B, test set): the paired bootstrap of A − B over the images both
+    have, its p-value and the Holm adjustment over all rows."""
     rows = []
-    for a, b in compared_pairs(methods, pairs):
-        for dataset in sorted(set(a.summary) & set(b.summary)):
-            ci = paired_bootstrap(dice_of(a, dataset), dice_of(b, dataset), n_boot, seed, confidence)
-            rows.append({"dataset": dataset, "A": a.label, "B": b.label, "n paired": ci.n,
-                         "mean Dice A − B": ci.mean, "CI low": ci.low, "CI high": ci.high, "p (bootstrap)": ci.p_value,
-                         "significant": "yes" if ci.significant else "no"})
+    for a, dice_a, b, dice_b, dataset in compared:
+        ci = paired_bootstrap(dice_a, dice_b, n_boot, seed, confidence)
+        rows.append({"dataset": dataset, "A": a, "B": b, "n paired": ci.n,
+                     "mean Dice A − B": ci.mean, "CI low": ci.low, "CI high": ci.high, "p (bootstrap)": ci.p_value,
+                     "significant": "yes" if ci.significant else "no"})
     table = pd.DataFrame(rows)
     if len(table):
         table.insert(len(table.columns) - 1, "p (Holm)", holm(table["p (bootstrap)"].to_numpy()))

@@ -87,7 +87,8 @@ class MethodLayout:
 
     @property
     def int8_dir(self) -> Path:
-        """The int8 graph (``model.onnx``, absent where the task does not quantise) and its ``check.json``."""
+        """The int8 graph (``model.onnx``, absent where the task does not quantise), its ``check.json`` and each
+        test image's score by the fp32 and int8 graphs (``per_image.csv``, beside a quantised graph only)."""
         return self._dir("export") / "int8"
 
     @property
@@ -99,9 +100,13 @@ class MethodLayout:
         return self.int8_dir / "check.json"
 
     @property
+    def int8_scores(self) -> Path:
+        return self.int8_dir / "per_image.csv"
+
+    @property
     def plain_dir(self) -> Path:
-        """A model shipped with test-time augmentation as its plain network: ``model.onnx``, ``int8/model.onnx``
-        and ``check.json`` (only ``check.json``, saying so, for a model without one)."""
+        """A model shipped with test-time augmentation as its plain network: ``model.onnx``, ``int8/model.onnx``,
+        ``check.json`` and ``per_image.csv`` (only ``check.json``, saying so, for a model without one)."""
         return self._dir("export") / "plain"
 
     @property
@@ -115,6 +120,10 @@ class MethodLayout:
     @property
     def plain_check(self) -> Path:
         return self.plain_dir / "check.json"
+
+    @property
+    def plain_scores(self) -> Path:
+        return self.plain_dir / "per_image.csv"
 
     @property
     def profile(self) -> Path:

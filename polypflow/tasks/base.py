@@ -89,6 +89,7 @@ class Task(TrainingTask, Protocol):
         graph's input batches: training images), its weights in ``weight_bits`` (7 or 8), the network's
         ``float_modules`` left in float32; '' when written, else why this task's graph is not quantised (nothing
         written, ``calibration`` not read)."""
-    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:
-        """What is scored (e.g. ``mDice@0.5 at the masks' resolution``) and each exported graph's mean score on the
-        images ``keys``, at the model's threshold as it ships. Only for graphs :meth:`quantize` applies to."""
+    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, np.ndarray]:
+        """What is scored (e.g. ``mDice@0.5 at the masks' resolution``: the mean of a row is the graph's score) and
+        each exported graph's score of each image of ``keys`` (rows: ``graphs``, columns: ``keys``), at the model's
+        threshold as it ships. Only for graphs :meth:`quantize` applies to."""

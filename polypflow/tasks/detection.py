@@ -232,5 +232,5 @@ class DetectionTask:
         graph against fp32 after the same NMS, on every test set) is not written yet."""
         return INT8_DECLINED
 
-    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:
+    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, np.ndarray]:
         raise NotImplementedError(f"{self.name}: {INT8_DECLINED}")

@@ -1,7 +1,7 @@
 """A method's deployable graphs beyond the one export@ writes: its int8 graph (quantised by its task from the exported
-fp32 graph, calibrated on the images it trained on, checked against fp32 on every test set), the plain network of a
-model shipped with test-time augmentation (one pass, same weights: what the augmentation costs and buys), and the
-graphs rebuilt at other input sizes (what profile@ times)."""
+fp32 graph, calibrated on the images it trained on, checked against fp32 on every test set, image by image), the
+plain network of a model shipped with test-time augmentation (one pass, same weights: what the augmentation costs and
+buys), and the graphs rebuilt at other input sizes (what profile@ times)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from torch import nn
 
 from models.tta import plain
 from polypflow.data.images import read_splits
+from polypflow.io import write_csv
 from polypflow.settings.config import Params
 from polypflow.tasks import Task, task_of
 from polypflow.tasks.plan import calibration_batches
@@ -26,22 +28,28 @@ def require_parity(graph: Path, diff: float, atol: float) -> None:
         raise RuntimeError(f"{graph}: ONNX differs from PyTorch by {diff:.2e} > export.atol {atol}")
 
 
-def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path) -> dict[str, Any]:
+def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path, scores: Path) -> dict[str, Any]:
     """Quantise the exported ``fp32`` graph of ``method`` to ``dst`` and score both on every test set: per set
     ``fp32``, ``int8`` and their ``drop``; ``within_budget`` when no set drops by more than
-    ``export.int8_max_dice_drop``. With several ``export.int8_weight_bits``, :func:`choose_int8` picks the graph
-    that ships on the validation images (``selection``); the method's ``int8_float_modules`` stay in float32
-    (``float_modules``). A task that does not quantise writes nothing and says why (``reason``)."""
+    ``export.int8_max_dice_drop``. Each image's score by each graph goes to the CSV ``scores`` (``dataset``, ``key``,
+    ``fp32``, ``int8``), so the report can pair the graphs with other methods image by image. With several
+    ``export.int8_weight_bits``, :func:`choose_int8` picks the graph that ships on the validation images
+    (``selection``); the method's ``int8_float_modules`` stay in float32 (``float_modules``). A task that does not
+    quantise writes nothing and says why (``reason``)."""
     task = task_of(meta["arch"])(params)
     dst.unlink(missing_ok=True)  # a graph of an earlier run must not outlive a task that now declines
+    scores.unlink(missing_ok=True)
     chosen = choose_int8(params, method, task, meta, fp32, dst)
     if "reason" in chosen:
         return {"quantised": False, **chosen}
-    metric, sets = "", {}
+    metric, sets, rows = "", {}, []
     for dataset, keys in read_splits(params)["test"].items():
         if keys:
-            metric, (before, after) = task.graph_scores([fp32, dst], meta, keys)
+            metric, per_image = task.graph_scores([fp32, dst], meta, keys)
+            before, after = (float(graph.mean()) for graph in per_image)
             sets[dataset] = {"n": len(keys), "fp32": before, "int8": after, "drop": before - after}
+            rows.append(pd.DataFrame({"dataset": dataset, "key": keys, "fp32": per_image[0], "int8": per_image[1]}))
+    write_csv(scores, pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=SCORE_COLUMNS))
     worst = max((s["drop"] for s in sets.values()), default=0.0)
     budget = params.export.int8_max_dice_drop
     bits, kept = chosen["weight_bits"], float_modules(params, method)
@@ -57,6 +65,7 @@ def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path) -
 
 
 WEIGHT_RANGE = {7: "7-bit range", 8: "full 8-bit range"}
+SCORE_COLUMNS = ["dataset", "key", "fp32", "int8"]
 
 
 def choose_int8(params: Params, method: str, task: Task, meta: dict, fp32: Path, dst: Path) -> dict[str, Any]:
@@ -78,7 +87,8 @@ def choose_int8(params: Params, method: str, task: Task, meta: dict, fp32: Path,
             if reason:
                 return {"reason": reason}
         keys = list(read_splits(params)["val"])
-        metric, (before, *after) = task.graph_scores([fp32, *graphs.values()], meta, keys)
+        metric, per_image = task.graph_scores([fp32, *graphs.values()], meta, keys)
+        before, *after = (float(graph.mean()) for graph in per_image)
         scored = {bits: {"int8": score, "drop": before - score} for bits, score in zip(graphs, after)}
         best = min(scored, key=lambda bits: scored[bits]["drop"])  # min keeps the first listed on a tie
         os.replace(graphs[best], dst)
@@ -117,20 +127,22 @@ def graphs_at(params: Params, method: str, model: nn.Module, meta: dict, size: i
     return {"fp32": fp32} if declined else {"fp32": fp32, "int8": int8}
 
 
-def plain_graphs(params: Params, method: str, model: nn.Module, meta: dict, fp32: Path, int8: Path) -> dict[str, Any]:
+def plain_graphs(params: Params, method: str, model: nn.Module, meta: dict, fp32: Path, int8: Path,
+                 scores: Path) -> dict[str, Any]:
     """For a model shipped with flip test-time augmentation (:mod:`models.tta`), its plain network, one pass with the
     same weights: the fp32 graph written to ``fp32`` (its parity to PyTorch must stay under ``export.atol``) and
-    :func:`int8_check` of it to ``int8``, both scored on every test set like the shipped graphs. A model without
-    augmentation writes nothing (``applies: false``): its shipped graphs are its plain network."""
+    :func:`int8_check` of it to ``int8``, both scored on every test set like the shipped graphs (each image's scores
+    in ``scores``). A model without augmentation writes nothing (``applies: false``): its shipped graphs are its
+    plain network."""
     net = plain(model)
     if net is model:
-        fp32.unlink(missing_ok=True)  # graphs of an earlier run must not outlive a model that no longer has TTA
-        int8.unlink(missing_ok=True)
+        for stale in (fp32, int8, scores):  # what an earlier run wrote must not outlive a model without TTA now
+            stale.unlink(missing_ok=True)
         return {"applies": False, "reason": "no test-time augmentation: the shipped graphs are the plain network"}
     diff, _ = task_of(meta["arch"]).export(net.cpu(), meta, fp32, params.export.opset)
     require_parity(fp32, diff, params.export.atol)
     return {"applies": True, "shipped_tta": model.tta, "max_abs_diff": diff,
-            **int8_check(params, method, meta, fp32, int8)}
+            **int8_check(params, method, meta, fp32, int8, scores)}
 
 
 def graphs_by_size(params: Params, method: str, model: nn.Module, meta: dict, sizes: list[int], folder: Path,

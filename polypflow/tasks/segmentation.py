@@ -336,16 +336,15 @@ class SegmentationTask:
         quantize_int8(fp32, dst, calibration, weight_bits, float_modules)
         return ""
 
-    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, list[float]]:
-        """mDice at the model's threshold of each graph's maps of ``keys``, each map at its mask's original
-        resolution, as :meth:`score_maps` scores them."""
+    def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, np.ndarray]:
+        """Dice at the model's threshold of each graph's map of each image of ``keys``, each map at its mask's
+        original resolution, as :meth:`score_maps` scores them."""
         cfg, size, threshold = self.params, int(meta["image_size"]), float(meta["threshold"])
         facts = read_facts(cfg)
         data = load_image_set(facts, keys, size, cfg.validate_.mask_threshold, cfg.paths.cache)
         maps = [Predictor(OnnxBackend(onnx_session(path)), size, threshold).predict_resized(data.images)
                 for path in graphs]
-        dice = self.dice_at_masks(keys, maps, threshold, facts)
-        return f"mDice@{threshold:g} at the masks' resolution", [float(d.mean()) for d in dice]
+        return f"mDice@{threshold:g} at the masks' resolution", self.dice_at_masks(keys, maps, threshold, facts)
 
     def dice_at_masks(self, keys: list[str], maps: Sequence[np.ndarray], threshold: float,
                       facts: pd.DataFrame) -> np.ndarray:

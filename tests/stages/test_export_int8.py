@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 from onnx import numpy_helper
 
@@ -43,11 +44,19 @@ def test_export_writes_a_checked_int8_graph_and_profile_times_both_at_each_size(
     assert set(check["test_sets"]) == tested and check["calibration_images"] == params.export.int8_calibration_images
     for scores in check["test_sets"].values():
         assert 0 <= scores["int8"] <= 1 and scores["drop"] == pytest.approx(scores["fp32"] - scores["int8"])
+    per_image = pd.read_csv(files.int8_scores, dtype={"key": str})  # each test image's Dice by each graph
+    assert list(per_image.columns) == ["dataset", "key", "fp32", "int8"]
+    test = json.loads(params.paths.splits.read_text())["test"]
+    for dataset, scores in check["test_sets"].items():
+        part = per_image[per_image["dataset"] == dataset]
+        assert part["key"].tolist() == test[dataset] and len(part) == scores["n"]
+        assert part["fp32"].mean() == pytest.approx(scores["fp32"]) and part["int8"].mean() == pytest.approx(scores["int8"])
     assert check["within_budget"] == (check["worst_drop"] <= params.export.int8_max_dice_drop)
     logged = MlflowClient().get_run(json.loads(files.run_record("export").read_text())["run_id"])
     assert {f"int8_{d}_dice" for d in tested} | {"int8_within_budget", "int8_worst_dice_drop"} <= set(logged.data.metrics)
     plain = json.loads(files.plain_check.read_text())  # no TTA: the shipped graphs are the plain network
     assert plain == report["plain"] and plain["applies"] is False and not files.plain_onnx.exists()
+    assert not files.plain_scores.exists()
     assert not any(name.startswith("plain_") for name in logged.data.metrics)
 
     cost = profile.run(params, "unet")
@@ -84,7 +93,8 @@ def test_with_two_weight_ranges_the_one_dropping_least_on_validation_ships_and_p
     drops = {int(bits): scored["drop"] for bits, scored in chosen["candidates"].items()}
     assert check["weight_bits"] == min(drops, key=drops.get) and str(check["weight_bits"]) in check["format"]
     assert json.loads(files.int8_check.read_text()) == check
-    assert sorted(p.name for p in files.int8_dir.iterdir()) == ["check.json", "model.onnx"]  # no candidate left
+    left = sorted(p.name for p in files.int8_dir.iterdir())
+    assert left == ["check.json", "model.onnx", "per_image.csv"]  # no candidate left
     assert (weight_range(files.int8_onnx) <= 64) == (check["weight_bits"] == 7)  # the chosen graph is the one shipped
 
     model, meta = load_trained(files.model)
@@ -115,6 +125,9 @@ def test_a_methods_float_modules_stay_float32_in_the_int8_graph_it_ships_and_the
 @pytest.mark.quick
 def test_a_detector_declines_int8_and_says_why_without_reading_images(tmp_path):
     params = load_params(REPO / "params.yaml")  # no data is read: the calibration images stay unloaded
-    fp32, dst = tmp_path / "model.onnx", tmp_path / "int8" / "model.onnx"
-    check = int8_check(params, "gfl_atss_lite0", {"arch": "gfl_atss", "image_size": 64}, fp32, dst)
+    fp32, dst, scores = tmp_path / "model.onnx", tmp_path / "int8" / "model.onnx", tmp_path / "int8" / "per_image.csv"
+    scores.parent.mkdir()
+    scores.write_text("dataset,key,fp32,int8\n")  # an earlier run's scores do not outlive its graph
+    check = int8_check(params, "gfl_atss_lite0", {"arch": "gfl_atss", "image_size": 64}, fp32, dst, scores)
     assert check["quantised"] is False and "not quantised" in check["reason"] and not dst.exists()
+    assert not scores.exists()

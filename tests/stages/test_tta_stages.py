@@ -69,7 +69,12 @@ def test_tta_and_ema_model_is_validated_evaluated_exported_predicted_and_served_
     assert set(bare["test_sets"]) == set(shipped)
     assert any(bare["test_sets"][d]["fp32"] != shipped[d]["fp32"] for d in shipped)  # not the TTA graph again
     graph = Predictor(OnnxBackend(onnx_session(files.plain_onnx)), meta["image_size"], 0.5)
-    np.testing.assert_allclose(graph.predict_resized(data.images), maps[1], atol=1e-4)  # the plain network's maps
+    graph_maps = graph.predict_resized(data.images)
+    np.testing.assert_allclose(graph_maps, maps[1], atol=1e-4)  # the plain network's maps
+    per_image = pd.read_csv(files.plain_scores, dtype={"key": str})  # and their Dice, image by image
+    scored = per_image[per_image["dataset"] == dataset].set_index("key").loc[keys, "fp32"].to_numpy()
+    np.testing.assert_allclose(scored, task.dice_at_masks(keys, [graph_maps], meta["threshold"], facts)[0], atol=1e-9)
+    assert scored.mean() == pytest.approx(bare["test_sets"][dataset]["fp32"])
     logged = mlflow.MlflowClient().get_run(json.loads(files.run_record("export").read_text())["run_id"])
     assert {f"plain_int8_{d}_dice" for d in shipped} <= set(logged.data.metrics)
     cost = profile.run(params, "unet")

@@ -149,3 +149,25 @@ def test_report_puts_published_maps_beside_our_models_on_one_screen(tmp_path, sy
     assert "6 of 8" in markdown  # the results table says the maps cover 6 of gamma's 8 test images
     # the PraNet paper's Kvasir figure is on the pranet protocol, like ours: compared; CRIS's UNet is not
     assert "protocol 70_15_15_per_dataset vs ours pranet" in markdown
+
+
+def test_report_tests_the_exported_graphs_against_published_maps_image_by_image(tmp_path, synthetic_root):
+    """export's per_image.csv of unet's int8 graph and of its plain network are paired with the published maps'
+    per-image Dice like an evaluated model; 'better' has no such file and adds no row."""
+    from polypflow.settings.layout import method_layout
+
+    params = with_published_maps(tmp_path, crafted_project(tmp_path, synthetic_root))
+    published = pd.read_csv(tmp_path / "artifacts" / "eval" / "published" / "per_image.csv")
+    maps = published[["dataset", "key"]].assign(dice=published["dice_at_method_threshold"])
+    files = method_layout(params, "unet")
+    for path, fp32, int8 in ((files.int8_scores, 0.0, 0.0), (files.plain_scores, 0.05, -0.05)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        maps.assign(fp32=maps["dice"] + fp32, int8=maps["dice"] + int8).drop(columns="dice").to_csv(path, index=False)
+    facts = report_stage.run(params)
+    markdown = (params.paths.reports / "report.md").read_text()
+    assert "Exported graphs against published maps" in markdown
+    assert "| alpha | unet (plain fp32) | PraNet (published maps) | 12 | 0.0500 |" in markdown
+    assert "| gamma | unet (plain int8) | PraNet (published maps) | 6 | -0.0500 |" in markdown
+    assert "| alpha | unet (shipped int8) | PraNet (published maps) | 12 | 0.0000 |" in markdown
+    assert "| unet (shipped fp32)" not in markdown and "| better (" not in markdown  # evaluated, or not exported
+    assert facts["comparisons"] == 6  # the evaluated models' three pairs on two sets, counted as before
