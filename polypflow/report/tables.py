@@ -24,10 +24,15 @@ def result_columns(threshold: float) -> dict[str, str]:
     }
 
 
+def scores_on(table: pd.DataFrame, dataset: str, column: str) -> pd.Series:
+    """``column`` of a per-image table's rows on ``dataset``, indexed by image key (empty for an empty table)."""
+    part = table[table["dataset"] == dataset] if len(table) else table
+    return part.set_index("key")[column] if len(part) else pd.Series(dtype=float)
+
+
 def dice_of(m: MethodResults, dataset: str) -> pd.Series:
     """Per-image Dice at the method's own threshold on ``dataset``, indexed by image key."""
-    part = m.per_image[m.per_image["dataset"] == dataset] if len(m.per_image) else m.per_image
-    return part.set_index("key")[MODEL_DICE] if len(part) else pd.Series(dtype=float)
+    return scores_on(m.per_image, dataset, MODEL_DICE)
 
 
 def results_table(methods: list[MethodResults], threshold: float, n_boot: int, seed: int,
@@ -155,9 +160,7 @@ EXPORTED_GRAPHS = (("shipped", "int8"), ("plain", "fp32"), ("plain", "int8"))  #
 def graph_dice(m: MethodResults, graph: str, precision: str, dataset: str) -> pd.Series:
     """Per-image Dice of one of ``m``'s exported graphs (``graph``: shipped or plain; ``precision``: fp32 or int8) on
     ``dataset``, from export's per_image.csv, by image key (empty where export did not score that graph)."""
-    table = m.graph_scores.get(graph, pd.DataFrame())
-    part = table[table["dataset"] == dataset] if len(table) else table
-    return part.set_index("key")[precision] if len(part) else pd.Series(dtype=float)
+    return scores_on(m.graph_scores.get(graph, pd.DataFrame()), dataset, precision)
 
 
 def graph_significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float) -> pd.DataFrame:
