@@ -12,7 +12,8 @@ figure, and how many runs reach it. The published figure is the paper's for mean
 rows of the maps' architecture) and the maps' own mDice for the others. Then the paired test: per image, the runs'
 mean Dice (the images every run scored) minus the maps' Dice, a paired bootstrap over images with the report's
 ``n_boot``, ``confidence`` and seed, Holm over its rows: the recipe's expected Dice against the maps, with the
-seed-to-seed spread averaged out rather than drawn once. Settings are the first run's. Prints markdown.
+seed-to-seed spread averaged out rather than drawn once (the interval resamples images; the runs are averaged, not
+resampled, so it does not widen for the seeds' own spread). Settings are the first run's. Prints markdown.
 """
 
 from __future__ import annotations
