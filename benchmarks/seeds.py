@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from polypflow.evaluate.seg_metrics import MODEL_DICE
 from polypflow.report.load import MethodResults, load_external, load_method, load_paper_figures
-from polypflow.report.tables import EXPORTED_GRAPHS, graph_dice, paired_table, scores_on
+from polypflow.report.tables import EXPORTED_GRAPHS, dice_of, graph_dice, paired_table, scores_on
 from polypflow.settings.config import Params, load_params
 
 PerImage = Callable[[MethodResults, str], pd.Series]
@@ -46,7 +45,7 @@ def exported(graph: str, precision: str) -> Figure:
 
 
 FIGURES = (Figure("shipped, meanDic (toolbox)", lambda m, d: scores_on(m.per_image, d, "tb_dice"), "paper"),
-           Figure("shipped, mDice", lambda m, d: scores_on(m.per_image, d, MODEL_DICE), "maps"),
+           Figure("shipped, mDice", dice_of, "maps"),
            *(exported(graph, precision) for graph, precision in EXPORTED_GRAPHS))
 
 
@@ -141,7 +140,7 @@ def seed_mean(runs: list[Run], scores: PerImage, dataset: str) -> pd.Series:
 def pooled_test(runs: list[Run], datasets: list[str]) -> pd.DataFrame:
     """The runs' per-image mean Dice minus the maps' Dice, per figure compared with the maps and test set."""
     maps = runs[0].maps
-    compared = [(f"{f.label}, mean of {len(runs)} seeds", dice, maps.label, scores_on(maps.per_image, d, MODEL_DICE), d)
+    compared = [(f"{f.label}, mean of {len(runs)} seeds", dice, maps.label, dice_of(maps, d), d)
                 for f in FIGURES if f.published == "maps" for d in datasets
                 if d in maps.summary and len(dice := seed_mean(runs, f.scores, d))]
     report = runs[0].params.report
