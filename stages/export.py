@@ -11,9 +11,9 @@ Then the int8 graph (``int8/model.onnx``): the task quantises the fp32 graph sta
 ``export.int8_weight_bits``, the one dropping least on the validation images ships, each candidate's drop recorded
 under ``selection``; the method's ``int8_float_modules`` stay in float32), and scores both graphs on every test set
 (``int8/check.json``, and under ``int8`` in ``parity.json``; each image's score by each graph in
-``int8/per_image.csv``, which the report pairs with published maps). A drop beyond ``export.int8_max_dice_drop``
-does not fail the stage: it is recorded (``within_budget: false``) and logged as a warning. A task that does not
-quantise writes only ``check.json``, saying why.
+``int8/per_image.csv``, which the report pairs with published maps): a segmenter's Dice, a detector's box F1 after
+the same NMS. A drop beyond the task's budget (``export.int8_max_dice_drop``, ``export.int8_max_f1_drop``) does not
+fail the stage: it is recorded (``within_budget: false``) and logged as a warning.
 
 A model shipped with test-time augmentation is also exported as its plain network (``plain/``: the same weights in
 one pass, its fp32 and int8 graphs scored on every test set in ``plain/check.json`` and ``plain/per_image.csv``), so
@@ -63,9 +63,8 @@ def run(params: Params, method: str) -> dict:
                             **{f"plain_{k}": v for k, v in int8_metrics(bare).items()}})
         mlflow.log_artifact(str(files.onnx), artifact_path="onnx")
         mlflow.log_dict(check, "onnx_int8/check.json")
-        if check["quantised"]:
-            mlflow.log_artifact(str(files.int8_onnx), artifact_path="onnx_int8")
-            mlflow.log_artifact(str(files.int8_scores), artifact_path="onnx_int8")
+        mlflow.log_artifact(str(files.int8_onnx), artifact_path="onnx_int8")
+        mlflow.log_artifact(str(files.int8_scores), artifact_path="onnx_int8")
         if bare["applies"]:
             mlflow.log_artifacts(str(files.plain_dir), artifact_path="onnx_plain")
     write_json(files.run_record("export"), {"run_id": run.info.run_id})
@@ -77,17 +76,18 @@ def run(params: Params, method: str) -> dict:
 
 
 def int8_metrics(check: dict) -> dict[str, float]:
+    """An int8 check's figures as MLflow metrics, named by its score (``int8_kvasir_dice``, ``int8_worst_f1_drop``);
+    none for a plain-network check that does not apply."""
     if not check.get("quantised"):
         return {}
-    scores = {f"{graph}_{dataset}_dice": s[graph] for dataset, s in check["test_sets"].items() for graph in ("fp32", "int8")}
-    return {**scores, "int8_worst_dice_drop": check["worst_drop"], "int8_within_budget": float(check["within_budget"]),
-            "int8_weight_bits": float(check["weight_bits"])}
+    score = check["score"]
+    scores = {f"{graph}_{dataset}_{score}": s[graph] for dataset, s in check["test_sets"].items()
+              for graph in ("fp32", "int8")}
+    return {**scores, f"int8_worst_{score}_drop": check["worst_drop"],
+            "int8_within_budget": float(check["within_budget"]), "int8_weight_bits": float(check["weight_bits"])}
 
 
 def log_int8(method: str, check: dict, where: Path) -> None:
-    if not check["quantised"]:
-        log.info("%s: int8 %s", method, check["reason"])
-        return
     if "selection" in check:
         chosen = check["selection"]
         drops = ", ".join(f"{bits}-bit {c['drop']:+.4f}" for bits, c in chosen["candidates"].items())
@@ -97,8 +97,8 @@ def log_int8(method: str, check: dict, where: Path) -> None:
         log.info("%s: %s %s fp32 %.4f, int8 %.4f (drop %+.4f)", method, dataset, check["metric"], s["fp32"], s["int8"],
                  s["drop"])
     if not check["within_budget"]:
-        log.warning("%s: int8 mDice drops by %.4f on a test set, more than export.int8_max_dice_drop %.4f: int8 not "
-                    "within budget (recorded in %s)", method, check["worst_drop"], check["max_drop"], where)
+        log.warning("%s: int8 %s drops by %.4f on a test set, more than %s %.4f: int8 not within budget (recorded "
+                    "in %s)", method, check["metric"], check["worst_drop"], check["budget"], check["max_drop"], where)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ to the image's (or its mask's) resolution: a probability map bilinearly, clipped
 (:func:`to_resolution`); boxes scaled by width and height (:func:`to_image_scale`). The backend says what a model
 predicts and how it comes back: a segmenter's main-map probability (:class:`TorchBackend`, or its exported ONNX
 graph, which holds the normalisation and the sigmoid itself: :class:`OnnxBackend`), or a detector's boxes after
-NMS (:class:`BoxBackend`, decoding with the settings it was trained with).
+NMS (:class:`BoxBackend`, decoding with the settings it was trained with; its exported graph, which stops before
+NMS: :class:`OnnxBoxBackend`).
 
 Images from outside the pipeline (the CLI's files, the server's requests) are decoded by :func:`decode_image`,
 which refuses what the pipeline would not train on: undecodable bytes, anything but 3 channels, a side outside
@@ -27,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from models.gfl_atss import Detections
+from models.gfl_atss import Detections, postprocess
 from models.tta import scaled
 from polypflow.data.images import resize_image, to_tensor
 from polypflow.infer.device import CPU
@@ -117,6 +118,11 @@ class TorchBackend(MapBackend):
         return torch.sigmoid(scaled(self.model, logits.float()))[:, 0].cpu().numpy()
 
 
+def graph_input(images: np.ndarray) -> np.ndarray:
+    """An exported graph's input for uint8 N×H×W×3: float32 N×3×H×W in [0, 1] (the graph normalises it)."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255
+
+
 class OnnxBackend(MapBackend):
     """An exported segmenter graph (``polypflow.infer.onnx``: RGB in [0, 1] in, probability out) on ONNX Runtime."""
 
@@ -124,8 +130,7 @@ class OnnxBackend(MapBackend):
         self.session, self.input = session, session.get_inputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255
-        return self.session.run(None, {self.input: x})[0][:, 0]
+        return self.session.run(None, {self.input: graph_input(images)})[0][:, 0]
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,19 @@ class BoxBackend:
         """The boxes that count as found: score >= ``threshold``."""
         keep = detections.scores >= threshold
         return Detections(detections.boxes[keep], detections.scores[keep])
+
+
+class OnnxBoxBackend(BoxBackend):
+    """An exported detector graph (``polypflow.infer.onnx``: RGB in [0, 1] in, every anchor's box and score out) on
+    ONNX Runtime, then the NMS PyTorch predictions go through (``models.gfl_atss.postprocess``) with ``decoding``."""
+
+    def __init__(self, session, decoding: Decoding) -> None:
+        self.session, self.input, self.decoding = session, session.get_inputs()[0].name, decoding
+
+    def __call__(self, images: np.ndarray) -> list[Detections]:
+        boxes, scores = (torch.from_numpy(a) for a in self.session.run(None, {self.input: graph_input(images)}))
+        d = self.decoding
+        return [postprocess(b, s, d.score_threshold, d.nms_iou, d.max_detections) for b, s in zip(boxes, scores)]
 
 
 class Backend(Protocol):

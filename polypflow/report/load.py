@@ -35,7 +35,7 @@ class MethodResults:
     external: bool = False
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-epoch training curve (history.csv)
     stability: pd.DataFrame = field(default_factory=pd.DataFrame)  # per video sequence (stability.csv)
-    int8: dict | None = None  # export's int8 check (int8/check.json): quantised or why not, Dice of both graphs
+    int8: dict | None = None  # export's int8 check (int8/check.json): the task's score of both graphs
     plain: dict | None = None  # a TTA model's plain network (plain/check.json): applies or not, Dice of its graphs
     graph_scores: dict[str, pd.DataFrame] = field(default_factory=dict)  # graph -> per_image.csv of its export check
 

@@ -165,11 +165,12 @@ def graph_dice(m: MethodResults, graph: str, precision: str, dataset: str) -> pd
 
 def graph_significance_table(methods: list[MethodResults], n_boot: int, seed: int, confidence: float) -> pd.DataFrame:
     """:func:`significance_table` for the graphs a user deploys beyond the evaluated one, against each published
-    method's maps: each of our models' int8 graph and, for a model shipped with test-time augmentation, its plain
-    network in fp32 and int8 (:data:`EXPORTED_GRAPHS`), on every test set both were scored on."""
+    method's maps: each of our segmenters' int8 graph (a detector's per_image.csv holds box F1, not Dice) and, for a
+    model shipped with test-time augmentation, its plain network in fp32 and int8 (:data:`EXPORTED_GRAPHS`), on every
+    test set both were scored on."""
     external = [e for e in methods if e.external]
     compared = [(f"{m.label} ({graph} {precision})", dice, e.label, dice_of(e, dataset), dataset)
-                for m in methods if not m.external for graph, precision in EXPORTED_GRAPHS
+                for m in methods if not m.external and not m.detector for graph, precision in EXPORTED_GRAPHS
                 for e in external for dataset in sorted(e.summary)
                 if len(dice := graph_dice(m, graph, precision, dataset))]
     return paired_table(compared, n_boot, seed, confidence)

@@ -322,15 +322,16 @@ class Detection(Strict):
 
 class Export(Strict):
     """export@: the fp32 graph (``atol``: its largest difference to PyTorch) and its int8 quantisation, calibrated on
-    ``int8_calibration_images`` of the method's training images and checked on every test set: mDice at most
-    ``int8_max_dice_drop`` below the fp32 graph's (else recorded as outside the budget, not failed). With more than
-    one of ``int8_weight_bits``, each is quantised and the one whose mDice drops least on the validation images
-    ships (the first listed on a tie)."""
+    ``int8_calibration_images`` of the method's training images and checked on every test set: a segmenter's mDice
+    at most ``int8_max_dice_drop`` below the fp32 graph's, a detector's mean box F1 at most ``int8_max_f1_drop``
+    below (else recorded as outside the budget, not failed). With more than one of ``int8_weight_bits``, each is
+    quantised and the one whose score drops least on the validation images ships (the first listed on a tie)."""
 
     opset: int = Field(ge=17)
     atol: float = Field(gt=0)
     int8_calibration_images: int = Field(ge=1)
     int8_max_dice_drop: float = Field(ge=0)
+    int8_max_f1_drop: float = Field(ge=0)
     # candidate weight ranges: 7 (no saturating u8 x s8 products on x86 CPUs without VNNI) and/or 8 (full range)
     int8_weight_bits: list[Literal[7, 8]] = Field(min_length=1)
 

@@ -87,8 +87,8 @@ class MethodLayout:
 
     @property
     def int8_dir(self) -> Path:
-        """The int8 graph (``model.onnx``, absent where the task does not quantise), its ``check.json`` and each
-        test image's score by the fp32 and int8 graphs (``per_image.csv``, beside a quantised graph only)."""
+        """The int8 graph (``model.onnx``), its ``check.json`` and each test image's score by the fp32 and int8
+        graphs (``per_image.csv``)."""
         return self._dir("export") / "int8"
 
     @property

@@ -34,7 +34,8 @@ class Task(TrainingTask, Protocol):
     metric: ClassVar[str]                    # the validation metric epochs are reported by (metrics.json)
     metric_label: ClassVar[str]              # how tables name it ("val Dice", "val AP50")
     predicts_masks: ClassVar[bool]           # whether its models draw masks (scored by Dice) or not (boxes)
-    val_score: ClassVar[str]                 # per-image validation score, for promotion (val_per_image.csv)
+    val_score: ClassVar[str]                 # per-image score, for promotion (val_per_image.csv) and the int8 check
+    int8_budget: ClassVar[str]               # the export setting bounding the int8 graph's drop in that score
     case_columns: ClassVar[tuple[str, ...]]  # cases.csv
     onnx_outputs: ClassVar[tuple[str, ...]]  # the exported graph's outputs
     answer_columns: ClassVar[dict[str, str]]  # a served/predicted image's answer: column -> MLflow type
@@ -84,12 +85,12 @@ class Task(TrainingTask, Protocol):
     def export(cls, model: nn.Module, meta: dict, path: Path, opset: int) -> tuple[float, dict[str, Any]]:
         """Write the ONNX graph to ``path``; its largest difference from PyTorch and what the parity report says."""
     def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int,
-                 float_modules: Sequence[str] = ()) -> str:
+                 float_modules: Sequence[str] = ()) -> None:
         """Write the int8 graph of the exported ``fp32`` graph to ``dst``, calibrated on ``calibration`` (the
         graph's input batches: training images), its weights in ``weight_bits`` (7 or 8), the network's
-        ``float_modules`` left in float32; '' when written, else why this task's graph is not quantised (nothing
-        written, ``calibration`` not read)."""
+        ``float_modules`` left in float32."""
     def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, np.ndarray]:
         """What is scored (e.g. ``mDice@0.5 at the masks' resolution``: the mean of a row is the graph's score) and
-        each exported graph's score of each image of ``keys`` (rows: ``graphs``, columns: ``keys``), at the model's
-        threshold as it ships. Only for graphs :meth:`quantize` applies to."""
+        each exported graph's ``val_score`` of each image of ``keys`` (rows: ``graphs``, columns: ``keys``), at the
+        model's threshold as it ships; an int8 graph whose mean drops more than ``export.<int8_budget>`` below
+        fp32's on a test set is outside the budget."""

@@ -30,13 +30,13 @@ from torch import nn
 
 from models.gfl_atss import Detections
 from polypflow.data.boxes import DetectionDataset, collate_detection, image_boxes
-from polypflow.data.images import ImageSet, load_image_set, read_image, read_mask
+from polypflow.data.images import ImageSet, load_image_set, read_facts, read_image, read_mask
 from polypflow.evaluate.box_metrics import (coco_metrics, per_image_scores, pick_cases, score_threshold_sweep,
                                             truth_boxes)
 from polypflow.evaluate.runner import Scorer, Source, TestSetScores, json_number, mask_shapes, rows_of, sweep_thresholds
 from polypflow.infer.device import CPU
-from polypflow.infer.onnx import DeployGraph, anchor_boxes, detector_parity, export_onnx
-from polypflow.infer.predictor import BoxBackend, Decoding, Predictor, trained_predictor
+from polypflow.infer.onnx import DeployGraph, anchor_boxes, detector_parity, export_onnx, onnx_session, quantize_int8
+from polypflow.infer.predictor import BoxBackend, Decoding, OnnxBoxBackend, Predictor, trained_predictor
 from polypflow.infer.temporal import Smoothing
 from polypflow.io import write_png
 from polypflow.settings.config import Params, Recipe
@@ -44,8 +44,6 @@ from polypflow.train.gfl.losses import detection_loss_terms
 from polypflow.viz import box_case, draw_boxes
 
 LOSS = "gfl"  # a detector's recipe names its loss: GFLv2's (quality focal + distribution focal + GIoU)
-INT8_DECLINED = ("not quantised: an int8 graph ships only with its accuracy checked against fp32, and the detector's "
-                 "check (box AP of both graphs after the same NMS, per test set) is not implemented yet")
 
 
 class DetectionTask:
@@ -56,6 +54,7 @@ class DetectionTask:
     metric_label: ClassVar[str] = "val AP50"
     predicts_masks: ClassVar[bool] = False
     val_score: ClassVar[str] = "f1"
+    int8_budget: ClassVar[str] = "int8_max_f1_drop"
     case_columns: ClassVar[tuple[str, ...]] = ("dataset", "kind", "rank", "key", "f1", "file")
     onnx_outputs: ClassVar[tuple[str, ...]] = ("boxes", "scores")
     answer_columns: ClassVar[dict[str, str]] = {"boxes": "string", "n_boxes": "long", "max_score": "double"}
@@ -175,8 +174,7 @@ class DetectionTask:
         cfg = self.params
 
         def score(dataset: str, keys: list[str], predictions: Sequence[Detections]) -> TestSetScores:
-            masks = rows_of(facts, keys)["mask_path"]
-            truth = [truth_boxes(read_mask(path, cfg.validate_.mask_threshold), cfg.detection.min_box_area) for path in masks]
+            truth = self.truth(facts, keys)
             scores = coco_metrics(list(predictions), truth)
             per_image = per_image_scores(keys, list(predictions), truth, threshold)
             per_image["n_truth"] = [len(t) for t in truth]
@@ -227,10 +225,26 @@ class DetectionTask:
         return max(check["boxes_max_abs"], check["scores_max_abs"]), extra
 
     def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int,
-                 float_modules: Sequence[str] = ()) -> str:
-        """Not quantised: a graph ships only with its accuracy checked, and a detector's check (box AP of the int8
-        graph against fp32 after the same NMS, on every test set) is not written yet."""
-        return INT8_DECLINED
+                 float_modules: Sequence[str] = ()) -> None:
+        """Static int8, QDQ (:func:`~polypflow.infer.onnx.quantize_int8`): the graph up to every anchor's box and
+        score; the NMS after it stays the float one."""
+        quantize_int8(fp32, dst, calibration, weight_bits, float_modules)
 
     def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, np.ndarray]:
-        raise NotImplementedError(f"{self.name}: {INT8_DECLINED}")
+        """Box F1 of each image of ``keys`` at the model's threshold (a box counts from that score, matched at IoU
+        0.5), each graph's detections after the same NMS (:class:`~polypflow.infer.predictor.OnnxBoxBackend`), in
+        the coordinates of each image's mask, as :meth:`scorer` scores them (the mean is evaluate@'s ``f1``)."""
+        facts, threshold = read_facts(self.params), float(meta["threshold"])
+        truth, scores = self.truth(facts, keys), []
+        for path in graphs:
+            backend = OnnxBoxBackend(onnx_session(path), Decoding(**meta["decode"]))
+            _, found = self.test_source(Predictor(backend, int(meta["image_size"]), threshold), meta, facts)("", keys)
+            scores.append(per_image_scores(keys, found, truth, threshold)["f1"].to_numpy())
+        return f"box F1 at score {threshold:g} (IoU 0.5) at the masks' resolution", np.array(scores)
+
+    def truth(self, facts: pd.DataFrame, keys: list[str]) -> list[torch.Tensor]:
+        """The true boxes of each image of ``keys``: its mask's components of at least ``detection.min_box_area``
+        pixels, at the mask's resolution."""
+        cfg = self.params
+        return [truth_boxes(read_mask(path, cfg.validate_.mask_threshold), cfg.detection.min_box_area)
+                for path in rows_of(facts, keys)["mask_path"]]

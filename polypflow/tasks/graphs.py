@@ -29,19 +29,18 @@ def require_parity(graph: Path, diff: float, atol: float) -> None:
 
 
 def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path, scores: Path) -> dict[str, Any]:
-    """Quantise the exported ``fp32`` graph of ``method`` to ``dst`` and score both on every test set: per set
-    ``fp32``, ``int8`` and their ``drop``; ``within_budget`` when no set drops by more than
-    ``export.int8_max_dice_drop``. Each image's score by each graph goes to the CSV ``scores`` (``dataset``, ``key``,
-    ``fp32``, ``int8``), so the report can pair the graphs with other methods image by image. With several
-    ``export.int8_weight_bits``, :func:`choose_int8` picks the graph that ships on the validation images
-    (``selection``); the method's ``int8_float_modules`` stay in float32 (``float_modules``). A task that does not
-    quantise writes nothing and says why (``reason``)."""
+    """Quantise the exported ``fp32`` graph of ``method`` to ``dst`` and score both on every test set by the task's
+    per-image score (``score``: a segmenter's Dice, a detector's box F1; ``metric`` says how): per set ``fp32``,
+    ``int8`` and their ``drop``; ``within_budget`` when no set drops by more than the task's budget (``max_drop``,
+    the setting ``export.<budget>``: ``int8_max_dice_drop``, ``int8_max_f1_drop``). Each image's score by each graph
+    goes to the CSV ``scores`` (``dataset``, ``key``, ``fp32``, ``int8``), so the report can pair the graphs with
+    other methods image by image. With several ``export.int8_weight_bits``, :func:`choose_int8` picks the graph
+    that ships on the validation images (``selection``); the method's ``int8_float_modules`` stay in float32
+    (``float_modules``)."""
     task = task_of(meta["arch"])(params)
-    dst.unlink(missing_ok=True)  # a graph of an earlier run must not outlive a task that now declines
-    scores.unlink(missing_ok=True)
+    for stale in (dst, scores):  # an earlier run's graph and scores must not pass for this one's if it fails half-way
+        stale.unlink(missing_ok=True)
     chosen = choose_int8(params, method, task, meta, fp32, dst)
-    if "reason" in chosen:
-        return {"quantised": False, **chosen}
     metric, sets, rows = "", {}, []
     for dataset, keys in read_splits(params)["test"].items():
         if keys:
@@ -51,14 +50,14 @@ def int8_check(params: Params, method: str, meta: dict, fp32: Path, dst: Path, s
             rows.append(pd.DataFrame({"dataset": dataset, "key": keys, "fp32": per_image[0], "int8": per_image[1]}))
     write_csv(scores, pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=SCORE_COLUMNS))
     worst = max((s["drop"] for s in sets.values()), default=0.0)
-    budget = params.export.int8_max_dice_drop
+    budget = getattr(params.export, task.int8_budget)
     bits, kept = chosen["weight_bits"], float_modules(params, method)
     mixed = f"; {', '.join(kept)} in float32" if kept else ""
     check = {"quantised": True, "format": f"QDQ, per-channel int8 weights ({WEIGHT_RANGE[bits]}), uint8 activations "
              f"(static, min/max){mixed}", "weight_bits": bits, "float_modules": kept,
              "calibration_images": params.export.int8_calibration_images,
-             "metric": metric, "test_sets": sets, "worst_drop": worst, "max_drop": budget,
-             "within_budget": bool(worst <= budget)}
+             "score": task.val_score, "metric": metric, "test_sets": sets, "worst_drop": worst,
+             "max_drop": budget, "budget": f"export.{task.int8_budget}", "within_budget": bool(worst <= budget)}
     if "selection" in chosen:
         check["selection"] = chosen["selection"]
     return check
@@ -73,19 +72,17 @@ def choose_int8(params: Params, method: str, task: Task, meta: dict, fp32: Path,
     several, the one whose score drops least from the fp32 graph's on the validation images (the first listed on a
     tie; the candidates are quantised in a folder beside ``dst``, so ``dst`` is only ever a finished graph).
     Returns ``weight_bits``, with ``selection`` (each candidate's validation score and drop) where there was a
-    choice, or the task's ``reason`` for not quantising."""
+    choice."""
     candidates, size = params.export.int8_weight_bits, int(meta["image_size"])
     kept = float_modules(params, method)
     if len(candidates) == 1:
-        reason = task.quantize(fp32, dst, calibration_batches(params, method, size), candidates[0], kept)
-        return {"reason": reason} if reason else {"weight_bits": candidates[0]}
+        task.quantize(fp32, dst, calibration_batches(params, method, size), candidates[0], kept)
+        return {"weight_bits": candidates[0]}
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="int8-candidates-", dir=dst.parent) as folder:
         graphs = {bits: Path(folder) / f"{bits}bit.onnx" for bits in candidates}
         for bits, graph in graphs.items():
-            reason = task.quantize(fp32, graph, calibration_batches(params, method, size), bits, kept)
-            if reason:
-                return {"reason": reason}
+            task.quantize(fp32, graph, calibration_batches(params, method, size), bits, kept)
         keys = list(read_splits(params)["val"])
         metric, per_image = task.graph_scores([fp32, *graphs.values()], meta, keys)
         before, *after = (float(graph.mean()) for graph in per_image)
@@ -116,15 +113,15 @@ def graphs_at(params: Params, method: str, model: nn.Module, meta: dict, size: i
               weight_bits: int | None) -> dict[str, Path]:
     """``method``'s fp32 graph (its task's export) and int8 graph (its task's quantisation in ``weight_bits``,
     calibrated on its training images at ``size``) for input ``size``, written to ``folder``: precision -> file,
-    without int8 where ``weight_bits`` is None (export@ did not quantise the graph) or the task does not quantise."""
+    without int8 where ``weight_bits`` is None (export@ did not quantise the graph)."""
     task = task_of(meta["arch"])
     fp32, int8 = folder / f"fp32-{size}px.onnx", folder / f"int8-{size}px.onnx"
     task.export(model.cpu(), {**meta, "image_size": size}, fp32, params.export.opset)  # ONNX Runtime's CPU graphs
     if weight_bits is None:
         return {"fp32": fp32}
-    declined = task(params).quantize(fp32, int8, calibration_batches(params, method, size), weight_bits,
-                                     float_modules(params, method))
-    return {"fp32": fp32} if declined else {"fp32": fp32, "int8": int8}
+    task(params).quantize(fp32, int8, calibration_batches(params, method, size), weight_bits,
+                          float_modules(params, method))
+    return {"fp32": fp32, "int8": int8}
 
 
 def plain_graphs(params: Params, method: str, model: nn.Module, meta: dict, fp32: Path, int8: Path,

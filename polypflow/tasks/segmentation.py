@@ -82,6 +82,7 @@ class SegmentationTask:
     metric_label: ClassVar[str] = "val Dice"
     predicts_masks: ClassVar[bool] = True
     val_score: ClassVar[str] = "dice"
+    int8_budget: ClassVar[str] = "int8_max_dice_drop"
     case_columns: ClassVar[tuple[str, ...]] = ("dataset", "kind", "rank", "key", "dice", "file")
     onnx_outputs: ClassVar[tuple[str, ...]] = ("probability",)
     answer_columns: ClassVar[dict[str, str]] = {"mask": "string", "polyp_fraction": "double", "max_probability": "double"}
@@ -331,10 +332,9 @@ class SegmentationTask:
         return parity(graph, path, meta["image_size"]), {"output": "N x 1 x S x S polyp probability"}
 
     def quantize(self, fp32: Path, dst: Path, calibration: Iterable[np.ndarray], weight_bits: int,
-                 float_modules: Sequence[str] = ()) -> str:
+                 float_modules: Sequence[str] = ()) -> None:
         """Static int8, QDQ (:func:`~polypflow.infer.onnx.quantize_int8`)."""
         quantize_int8(fp32, dst, calibration, weight_bits, float_modules)
-        return ""
 
     def graph_scores(self, graphs: Sequence[Path], meta: dict, keys: list[str]) -> tuple[str, np.ndarray]:
         """Dice at the model's threshold of each graph's map of each image of ``keys``, each map at its mask's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import onnx
 import pandas as pd
 import pytest
 
@@ -14,6 +15,8 @@ from polypflow.infer.predictor import SizeLimits
 from models import method_entry
 from polypflow.settings.config import load_params
 from polypflow.settings.layout import method_layout
+from polypflow.tasks.graphs import graphs_at
+from polypflow.train.checkpoint import load_trained
 from stages import evaluate, export, profile, register, train
 from stages import report as report_stage
 
@@ -61,10 +64,27 @@ def test_a_detector_trains_evaluates_exports_profiles_and_registers_through_the_
 
     report = export.run(params, "det")
     assert report["max_abs_diff"] <= params.export.atol and report["detections"]["same_count"]
-    assert report["int8"]["quantised"] is False and "not quantised" in json.loads(files.int8_check.read_text())["reason"]
-    assert not files.int8_onnx.exists()  # the folder DVC caches holds the check only
+    check = json.loads(files.int8_check.read_text())  # its int8 graph, scored by box F1 after the same NMS
+    assert check == report["int8"] and check["quantised"] is True and check["score"] == "f1"
+    assert check["metric"].startswith(f"box F1 at score {params.detection.match_score:g}")
+    assert {n.op_type for n in onnx.load(str(files.int8_onnx)).graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert set(check["test_sets"]) == tested and check["budget"] == "export.int8_max_f1_drop"
+    assert check["within_budget"] == (check["worst_drop"] <= params.export.int8_max_f1_drop)
+    per_image = pd.read_csv(files.int8_scores, dtype={"key": str})
+    for dataset, scores in check["test_sets"].items():
+        part = per_image[per_image["dataset"] == dataset]
+        assert len(part) == scores["n"] and part["int8"].mean() == pytest.approx(scores["int8"])
+        # the fp32 graph on ONNX Runtime finds what the model found when evaluate@ scored it
+        assert part["fp32"].mean() == pytest.approx(scores["fp32"]) == pytest.approx(summary[dataset]["f1"])
+    logged = client.get_run(json.loads(files.run_record("export").read_text())["run_id"]).data.metrics
+    assert {f"int8_{d}_f1" for d in tested} | {"int8_worst_f1_drop", "int8_within_budget"} <= set(logged)
+    assert not any(name.endswith("_dice") for name in logged)
     cost = profile.run(params, "det")
     assert cost["params"] > 0 and cost["onnxruntime"]["p50_ms"] > 0
+    model, meta = load_trained(files.model)  # profile@'s graphs at another size: the int8 one too
+    at = graphs_at(params, "det", model, meta, 96, tmp_path / "graphs", check["weight_bits"])
+    assert set(at) == {"fp32", "int8"}
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(at["int8"])).graph.node}
 
     record = register.run(params, "det")
     assert record["global"]["name"] == params.tracking.global_models["detection"] and record["champion"] is True

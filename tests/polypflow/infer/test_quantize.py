@@ -106,3 +106,32 @@ def test_a_module_no_node_takes_a_parameter_of_is_an_error_naming_the_graph(fp32
     with pytest.raises(ValueError, match=r"fp32\.onnx: no node takes a parameter of \['body\.9'\]"):
         quantize_int8(fp32, tmp_path / "int8.onnx", batches, float_modules=["body.0", "body.9"])
     assert not (tmp_path / "int8.onnx").exists()
+
+
+
+class GroupNormSegmenter(TinySegmenter):
+    """A convolution, a GroupNorm (a detector head's norm), one logit map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 1, 1))
+
+
+def test_a_groupnorms_scale_and_bias_stay_float32_without_the_quantisers_warning(tmp_path, caplog):
+    """GroupNorm, exported as InstanceNormalization over reshaped groups: its scale and bias stay float32
+    initialisers, the quantiser says nothing about their channel axis, and the convolutions are int8."""
+    torch.manual_seed(0)
+    graph = DeployGraph(GroupNormSegmenter().eval(), probability, *NORMALIZATION["imagenet"])
+    fp32 = export_onnx(graph, tmp_path / "fp32.onnx", SIZE, 18, ("probability",))
+    calibration, _ = frames(100, 4)
+    batches = (image.transpose(2, 0, 1)[None].astype(np.float32) / 255 for image in calibration)
+    with caplog.at_level(logging.WARNING):
+        int8 = quantize_int8(fp32, tmp_path / "int8.onnx", batches)
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    nodes = onnx.load(str(int8)).graph.node
+    produced = {out for node in nodes for out in node.output}
+    norms = [node for node in nodes if node.op_type == "InstanceNormalization"]
+    assert norms and not [name for node in norms for name in node.input[1:] if name in produced]
+    weights = conv_weights(int8)
+    assert len(weights) == 2 and all(weights.values())

@@ -171,3 +171,26 @@ def test_report_tests_the_exported_graphs_against_published_maps_image_by_image(
     assert "| alpha | unet (shipped int8) | PraNet (published maps) | 12 | 0.0000 |" in markdown
     assert "| unet (shipped fp32)" not in markdown and "| better (" not in markdown  # evaluated, or not exported
     assert facts["comparisons"] == 6  # the evaluated models' three pairs on two sets, counted as before
+
+
+def test_a_detectors_exported_graphs_are_not_paired_with_published_maps():
+    """export's per_image.csv of a detector holds box F1, not Dice: a segmenter's int8 graph gets its row against
+    the published maps, a detector's with the same file gets none."""
+    from pathlib import Path
+
+    from polypflow.report import tables
+    from polypflow.report.load import MethodResults
+
+    keys = ["alpha/1", "alpha/2", "alpha/3"]
+    scores = pd.DataFrame({"dataset": "alpha", "key": keys, "fp32": [1.0, 0.5, 1.0], "int8": [1.0, 1.0, 0.0]})
+
+    def method(name: str, arch: str | None, graph_scores: dict | None = None) -> MethodResults:
+        per_image = pd.DataFrame({"dataset": "alpha", "key": keys, "dice_at_method_threshold": [0.5, 0.6, 0.7]})
+        return MethodResults(name, arch, {"alpha": {"n": 3}}, per_image, pd.DataFrame(), pd.DataFrame(),
+                             pd.DataFrame(), Path("."), None, {}, {}, external=arch is None,
+                             graph_scores=graph_scores or {})
+
+    methods = [method("seg", "unet", {"shipped": scores}), method("det", "gfl_atss", {"shipped": scores}),
+               method("maps", None)]
+    table = tables.graph_significance_table(methods, 100, 0, 0.95)
+    assert table["A"].tolist() == ["seg (shipped int8)"] and table["B"].tolist() == ["maps"]
