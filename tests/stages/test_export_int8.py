@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from onnx import numpy_helper
 
-from conftest import float_weights, stage_workdir
+from conftest import REPO, float_weights, stage_workdir
 from polypflow.settings.config import load_params
 from polypflow.settings.layout import method_layout
-from polypflow.tasks.graphs import graphs_at
+from polypflow.tasks.graphs import graphs_at, int8_check
 from polypflow.train.checkpoint import load_trained
 from stages import export, ingest, profile, split, train, validate
 
@@ -121,3 +121,16 @@ def test_a_methods_float_modules_stay_float32_in_the_int8_graph_it_ships_and_the
         kept = float_weights(graph)
         assert len(kept) == 1 and f"{stem}." in kept[0]  # the stem's convolution, and only it
     assert float_weights(graphs_at(params, "unet", model, meta, 64, tmp_path / "all", 8)["int8"]) == []
+
+
+@pytest.mark.quick
+def test_an_int8_check_that_fails_leaves_no_earlier_graph_or_scores_to_pass_for_its_own(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    dst, scores = tmp_path / "int8" / "model.onnx", tmp_path / "int8" / "per_image.csv"
+    dst.parent.mkdir()
+    dst.write_bytes(b"an earlier run's graph")
+    scores.write_text("dataset,key,fp32,int8\n")
+    with pytest.raises(FileNotFoundError):  # no fp32 graph to quantise
+        int8_check(params, "ic_polypseg_lite0", {"arch": "ic_polypseg", "image_size": 64}, tmp_path / "none.onnx", dst,
+                   scores)
+    assert not dst.exists() and not scores.exists()

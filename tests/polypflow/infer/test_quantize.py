@@ -108,7 +108,6 @@ def test_a_module_no_node_takes_a_parameter_of_is_an_error_naming_the_graph(fp32
     assert not (tmp_path / "int8.onnx").exists()
 
 
-
 class GroupNormSegmenter(TinySegmenter):
     """A convolution, a GroupNorm (a detector head's norm), one logit map."""
 
